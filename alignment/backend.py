@@ -1,0 +1,176 @@
+"""Training backend: plain torch in one process, DDP under a launcher, DeepSpeed ZeRO with a config.
+
+DeepSpeed is driven directly through `deepspeed.initialize` (as OpenRLHF does), never through
+accelerate's `Accelerator`: on CPU hosts that object reports world size 1 on every rank although the
+process group has 2 (see environment.md). Rank and world size always come from torch.distributed.
+Launch with `accelerate launch --config_file launch/zero2.yaml`, `deepspeed` or `torchrun`; the
+DeepSpeed JSON comes from `train.deepspeed` or from the accelerate config's `deepspeed_config_file`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from alignment.config import ConfigError, TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config_path(train: TrainConfig) -> str | None:
+    if train.deepspeed:
+        return train.deepspeed
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path:
+            raise ConfigError("accelerate launched with DeepSpeed but no deepspeed_config_file: use a config in launch/")
+        return path
+    return None
+
+
+def init_distributed(use_deepspeed: bool) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if world == 1 and not use_deepspeed:
+        return 0, 1
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _fill_deepspeed_config(path: str, train: TrainConfig, micro_batch: int, world: int) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {path}") from None
+    if "optimizer" in config or "scheduler" in config:
+        raise ConfigError(f"{path}: leave out 'optimizer' and 'scheduler'; the trainer builds them from train.*")
+    # One optimizer step per mini-batch: gradient accumulation happens in the trainer's batch, not here.
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = micro_batch * world
+    config["gradient_clipping"] = train.max_grad_norm
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+class Backend:
+    """Holds the wrapped model, optimizer and scheduler; backward / step / save / load."""
+
+    def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int):
+        ds_path = deepspeed_config_path(train)
+        self.rank, self.world_size = init_distributed(ds_path is not None)
+        self.is_main = self.rank == 0
+        self.train = train
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+        warmup = max(1, train.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.deepspeed = None
+        self.engine = module
+        if ds_path is not None:
+            import deepspeed
+
+            config = _fill_deepspeed_config(ds_path, train, micro_batch, self.world_size)
+            self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+            self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config
+            )
+            self.engine = self.deepspeed
+        elif self.world_size > 1:
+            self.engine = torch.nn.parallel.DistributedDataParallel(module)
+
+    @property
+    def kind(self) -> str:
+        if self.deepspeed is not None:
+            return f"deepspeed-zero{self.zero_stage}"
+        return "ddp" if self.world_size > 1 else "torch"
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> float:
+        """Optimizer step; returns the gradient norm before clipping."""
+        if self.deepspeed is not None:
+            self.deepspeed.step()
+            norm = self.deepspeed.get_global_grad_norm()
+            return float(norm) if norm is not None else 0.0
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Full parameters visible on every rank (ZeRO-3 partitions them); a no-op otherwise."""
+        if self.deepspeed is not None and self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average metrics over ranks."""
+        if self.world_size == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t)}
+
+    def barrier(self) -> None:
+        if self.world_size > 1 or self.deepspeed is not None:
+            dist.barrier()
+
+    def save_state(self, folder: Path) -> None:
+        """Optimizer / scheduler state (and the DeepSpeed engine's own checkpoint); all ranks call."""
+        if self.deepspeed is not None:
+            self.deepspeed.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        elif self.is_main:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.load_checkpoint(str(folder / "deepspeed"), tag="state")
+            return
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,66 @@
+"""`align` command line (also `python -m alignment`).
+
+    align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
+    align bench NAME [--quick]                  run benchmarks/NAME.py, write benchmarks/results/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from alignment.config import ConfigError, load_config, merge, parse_overrides, read_yaml
+from alignment.data import DataError
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def build_config(path: str, overrides: list[str]):
+    from trainers import get_trainer
+
+    values = merge(read_yaml(path), parse_overrides(overrides))
+    trainer_cls = get_trainer(values.get("trainer", ""))
+    return trainer_cls, load_config(trainer_cls.config_class, values)
+
+
+def cmd_train(args) -> int:
+    trainer_cls, cfg = build_config(args.config, args.overrides)
+    trainer_cls(cfg).train()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    path = BENCH_DIR / f"{args.name}.py"
+    if not path.is_file():
+        names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"unknown benchmark {args.name!r} (available: {', '.join(names)})")
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{args.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(quick=args.quick)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="align", description="RLHF alignment training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with a YAML recipe")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=2e-5")
+    train.set_defaults(func=cmd_train)
+    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/")
+    bench.add_argument("name")
+    bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")
+    bench.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

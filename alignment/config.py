@@ -1,0 +1,221 @@
+"""Typed configs: dataclasses loaded from YAML, overridden by dotted `key=value` pairs, validated.
+
+Every recipe shares `BaseConfig`; a trainer adds its own section (e.g. `pmd:`) by subclassing it.
+Errors name the offending key, the nearest valid keys and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used as written."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local folder, hub name, or `builtin:smollm2-135m-instruct`
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: Literal["file", "datasets", "reasoning_gym"] = "file"
+    path: str | None = None  # json / jsonl / parquet file, or a `datasets` name
+    split: str = "train"
+    task: str | None = None  # reasoning_gym task name, e.g. chain_sum
+    task_args: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
+    size: int = 1000  # reasoning_gym: number of generated training problems
+    eval_size: int = 64  # held-out problems for greedy accuracy (reasoning_gym or eval_path)
+    eval_path: str | None = None
+    prompt_suffix: str = ""
+    chat_template: bool = True  # apply the tokenizer's chat template when it has one
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    n: int = 8  # samples per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    sync_tolerance: float = 1e-3  # max |logprob engine - trainer| on the canary batch
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 10
+    lr: float = 1e-5
+    batch_size: int = 2  # prompts per rollout step (global, across ranks)
+    mini_batches: int = 1  # optimizer steps per rollout batch (off-policy updates)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    bf16: bool = True  # bf16 autocast for matmuls; fp32 master weights and log-prob sums
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    eval_every: int = 0  # held-out greedy evaluation every N steps (0: only before and after)
+    log_every: int = 1
+    deepspeed: str | None = None  # DeepSpeed JSON; also taken from `accelerate launch` configs
+
+
+@dataclass
+class PeftConfig:
+    type: Literal["none", "lora"] = "none"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class RewardConfig:
+    type: Literal["verifiable"] = "verifiable"
+    correct: float = 1.0  # PMD's verl recipe scores +1 / -1
+    incorrect: float = -1.0
+
+
+@dataclass
+class BaseConfig:
+    trainer: str = ""
+    output_dir: str = "runs/default"
+    seed: int = 0
+    resume: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int or tp is str:
+        if isinstance(value, tp) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key + ".")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            valid = sorted(_all_keys(cls, prefix))
+            near = difflib.get_close_matches(prefix + key, valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys: {', '.join(valid)})")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["train.lr=2e-5", "rollout.n=8"]` -> nested dict; values are parsed as YAML scalars."""
+    nested: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' is not of the form key=value")
+        key, raw = pair.split("=", 1)
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{pair}' conflicts with another override of '{part}'")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return nested
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return data
+
+
+def load_config(cls: type, values: dict) -> Any:
+    """Validate a nested dict against the trainer's config dataclass."""
+    return _build(cls, values)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

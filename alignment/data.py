@@ -1,0 +1,156 @@
+"""Prompt datasets: local json/jsonl/parquet files, a `datasets` name, or reasoning-gym tasks.
+
+Rows are validated on load; a malformed row is an error naming the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignment.config import ConfigError, DataConfig
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used."""
+
+
+@dataclass
+class Example:
+    prompt: str | list[dict]  # plain text or chat messages
+    answer: Any = None  # for verifiable rewards
+    entry: dict | None = None  # the reasoning-gym entry, for its own answer checker
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a local json (a list of objects), jsonl or parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: row {line_no}: invalid JSON ({e.msg})") from None
+        return rows
+    if suffix == ".json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return rows
+    if suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    raise DataError(f"{path}: unsupported data file type '{suffix}' (use .json, .jsonl or .parquet)")
+
+
+def validate_rows(rows: list, required: dict[str, tuple[type, ...]], origin: str) -> None:
+    """Each row a dict with each required field of an allowed type; row numbers are 1-based."""
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{origin}: row {i}: expected an object, got {type(row).__name__}")
+        for name, types_ in required.items():
+            if name not in row:
+                raise DataError(f"{origin}: row {i}: missing field '{name}'")
+            if not isinstance(row[name], types_):
+                allowed = " or ".join(t.__name__ for t in types_)
+                raise DataError(f"{origin}: row {i}: field '{name}' must be {allowed}, got {type(row[name]).__name__}")
+
+
+def _rows_from(cfg: DataConfig, path: str, split: str) -> tuple[list[dict], str]:
+    if Path(path).suffix.lower() in (".json", ".jsonl", ".parquet") or Path(path).exists():
+        return read_rows(path), path
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(path, split=split)), f"{path}[{split}]"
+    except Exception as e:  # noqa: BLE001 - any hub/dataset failure becomes one clear message
+        raise DataError(f"cannot load dataset '{path}' (split {split}): {e}") from e
+
+
+def _prompt_examples(rows: list[dict], origin: str) -> list[Example]:
+    validate_rows(rows, {"prompt": (str, list)}, origin)
+    return [Example(prompt=r["prompt"], answer=r.get("answer")) for r in rows]
+
+
+def _reasoning_gym(cfg: DataConfig, size: int, seed: int) -> list[Example]:
+    import reasoning_gym
+
+    try:
+        dataset = reasoning_gym.create_dataset(cfg.task, size=size, seed=seed, **cfg.task_args)
+    except Exception as e:  # noqa: BLE001 - unknown task or bad task_args
+        raise ConfigError(f"data.task={cfg.task!r} with data.task_args={cfg.task_args}: {e}") from e
+    suffix = cfg.prompt_suffix
+    return [Example(prompt=e["question"] + suffix, answer=e["answer"], entry=e) for e in dataset]
+
+
+def load_prompts(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) prompt examples."""
+    if cfg.source == "reasoning_gym":
+        if not cfg.task:
+            raise ConfigError("data.task: required with data.source=reasoning_gym (e.g. chain_sum)")
+        # Held-out problems come from a different generator seed.
+        return _reasoning_gym(cfg, cfg.size, seed), _reasoning_gym(cfg, cfg.eval_size, seed + 1_000_003)
+    if not cfg.path:
+        raise ConfigError(f"data.path: required with data.source={cfg.source}")
+    rows, origin = _rows_from(cfg, cfg.path, cfg.split)
+    train = _prompt_examples(rows, origin)
+    if not train:
+        raise DataError(f"{origin}: no rows")
+    held_out: list[Example] = []
+    if cfg.eval_path:
+        rows, origin = _rows_from(cfg, cfg.eval_path, "test")
+        held_out = _prompt_examples(rows, origin)[: cfg.eval_size]
+    if cfg.prompt_suffix:
+        for ex in train + held_out:
+            if isinstance(ex.prompt, str):
+                ex.prompt += cfg.prompt_suffix
+    return train, held_out
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: bool) -> list[int]:
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = prompt
+    if chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def step_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """Prompt indices of a rollout step: a fresh permutation each epoch, a function of (seed, step).
+
+    Being stateless makes resume exact and keeps every rank's view of the global batch identical.
+    """
+    out = []
+    start = step * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, num_examples)
+        out.append(_epoch_order(seed, epoch, num_examples)[offset])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_examples: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(num_examples, generator=gen).tolist()

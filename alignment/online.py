@@ -1,0 +1,302 @@
+"""The online RL loop every online trainer shares, and the registries its methods plug into.
+
+One step: draw the global prompt batch -> roll out `n` samples per prompt on the engine -> reward ->
+advantage (registered estimator) -> old log-probs recomputed in the training precision -> several
+mini-batch updates with a registered policy loss -> push the weights to the engine and verify them
+-> metrics. A method registers its advantage estimator and policy loss and subclasses
+`OnlineTrainer` with its config (see trainers/pmd.py).
+
+Data parallelism: the global batch is split into `train.mini_batches` mini-batches first; each rank
+takes its share of every mini-batch, so one optimizer step sees the same global mini-batch whatever
+the world size, and (sampling being seeded per prompt) N processes reproduce one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from alignment.backend import Backend
+from alignment.config import BaseConfig, ConfigError, save_config
+from alignment.data import encode_prompt, load_prompts, step_indices
+from alignment.logging import RunLogger, plot_report, setup_console
+from alignment.models import (
+    PolicyModel, apply_peft, hf_model, load_causal_lm, load_tokenizer, merged_state_dict, pack, token_logprobs,
+)
+from alignment.rollout import Canary, SamplingParams, make_engine
+from rewards.verifiable import VerifiableReward, is_correct
+
+log = logging.getLogger("alignment")
+
+# name -> fn(rewards (prompts, n), **params) -> advantages (prompts, n)
+ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
+# name -> fn(logp, old_logp, advantages, mask, **params) -> (loss, stats)
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {}
+
+
+def register_advantage(name: str):
+    def deco(fn):
+        ADVANTAGES[name] = fn
+        return fn
+    return deco
+
+
+def register_policy_loss(name: str):
+    def deco(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+    return deco
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """Newest complete checkpoint; `.tmp` folders are incomplete and ignored."""
+    done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return max(done, key=lambda p: int(p.name[5:]), default=None)
+
+
+class OnlineTrainer:
+    config_class = BaseConfig
+
+    def __init__(self, cfg: BaseConfig):
+        self.cfg = cfg
+        self.check_config()
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
+        self.reward_fn = VerifiableReward(cfg.reward.correct, cfg.reward.incorrect)
+        lm = load_causal_lm(cfg.model)
+        engine_lm = copy.deepcopy(lm)
+        lm = apply_peft(lm, cfg.peft)
+        lm.eval()  # no dropout: training and rollout log-probs must describe the same policy
+        self.policy = PolicyModel(lm, cfg.train.bf16)
+        global_mini_batch = cfg.train.batch_size // cfg.train.mini_batches * cfg.rollout.n
+        self.backend = Backend(self.policy, cfg.train, global_mini_batch)
+        self.rank, self.world = self.backend.rank, self.backend.world_size
+        setup_console(self.backend.is_main)
+        if (cfg.train.batch_size // cfg.train.mini_batches) % self.world:
+            raise ConfigError(
+                f"train.batch_size / train.mini_batches = {cfg.train.batch_size // cfg.train.mini_batches} prompts "
+                f"per mini-batch must divide evenly over {self.world} processes"
+            )
+        self.engine = make_engine(cfg.rollout.backend, engine_lm, self.tokenizer, cfg.train.bf16)
+        canary_prompts = [self.encode(self.train_set[i].prompt) for i in range(min(2, len(self.train_set)))]
+        self.canary_batch = (canary_prompts, [p[:8] for p in canary_prompts])
+        log.info("rank %d/%d, backend %s, %d training prompts", self.rank, self.world, self.backend.kind,
+                 len(self.train_set))
+
+    # ---- what a method defines -------------------------------------------------------------
+    advantage: str = ""
+    policy_loss: str = ""
+
+    def check_config(self) -> None:
+        t = self.cfg.train
+        if t.batch_size < 1 or t.mini_batches < 1 or t.batch_size % t.mini_batches:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a positive multiple of "
+                              f"train.mini_batches ({t.mini_batches})")
+
+    def advantage_params(self) -> dict:
+        return {}
+
+    def loss_params(self) -> dict:
+        return {}
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def encode(self, prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, self.cfg.data.chat_template)
+
+    def sampling(self, step: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              seed=self.cfg.seed * 1_000_003 + step)
+
+    @torch.no_grad()
+    def sync_weights(self) -> float:
+        """Push merged weights into the engine, then check canary log-probs against the trainer."""
+        prompts, responses = self.canary_batch
+        batch = pack(prompts, responses, self.tokenizer.pad_token_id)
+        r_len = batch["response_mask"].shape[1]
+        with self.backend.gathered():
+            lp, _ = token_logprobs(self.policy.lm, batch["input_ids"], batch["attention_mask"],
+                                   batch["position_ids"], r_len, bf16=False)
+            canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
+            return self.engine.update_weights(merged_state_dict(self.policy.lm), canary,
+                                              self.cfg.rollout.sync_tolerance)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        n, k = cfg.rollout.n, cfg.train.mini_batches
+        t_start = time.perf_counter()
+        order = step_indices(step, cfg.train.batch_size, len(self.train_set), cfg.seed)
+        per_mini = cfg.train.batch_size // k
+        # Global positions of this rank's prompts, mini-batch by mini-batch.
+        positions = [p for j in range(k) for p in range(j * per_mini, (j + 1) * per_mini)[self.rank::self.world]]
+        examples = [self.train_set[order[p]] for p in positions]
+
+        rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
+                                        prompt_uids=positions)
+        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        rewards = torch.tensor(self.reward_fn([examples[i] for i in rollouts.prompt_index], texts))
+        advantages = ADVANTAGES[self.advantage](rewards.view(-1, n), **self.advantage_params()).reshape(-1)
+        t_rollout = time.perf_counter() - t_start
+
+        batch = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id)
+        mask = batch["response_mask"].float()
+        r_len = mask.shape[1]
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+        with torch.no_grad():  # the policy that generated the batch, in the training precision
+            old_logp, _ = self.backend(**inputs, response_len=r_len)
+        rollout_logp = torch.zeros_like(old_logp)
+        for i, lp in enumerate(rollouts.logprobs):
+            rollout_logp[i, : len(lp)] = lp
+
+        stats: dict[str, list[float]] = {}
+        rows = len(rollouts.response_ids) // k
+        for j in range(k):
+            sl = slice(j * rows, (j + 1) * rows)
+            logp, entropy = self.backend(**{key: v[sl] for key, v in inputs.items()}, response_len=r_len,
+                                         with_entropy=True)
+            loss, loss_stats = POLICY_LOSSES[self.policy_loss](
+                logp, old_logp[sl], advantages[sl], mask[sl], **self.loss_params())
+            self.backend.backward(loss)
+            grad_norm = self.backend.step()
+            for key, value in {"loss": float(loss.detach()), "grad_norm": grad_norm,
+                               "kl": float(masked_mean(old_logp[sl] - logp.detach(), mask[sl])),
+                               "entropy": float(masked_mean(entropy, mask[sl])), **loss_stats}.items():
+                stats.setdefault(key, []).append(float(value))
+        t_train = time.perf_counter() - t_start - t_rollout
+
+        t_sync = time.perf_counter()
+        sync_err = self.sync_weights()
+        t_sync = time.perf_counter() - t_sync
+        elapsed = time.perf_counter() - t_start
+        metrics = {key: sum(v) / len(v) for key, v in stats.items()}
+        metrics.update({
+            "lr": self.backend.lr,
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "response_length/mean": float(mask.sum(-1).mean()),
+            "rollout/logprob_diff": float(masked_mean((rollout_logp - old_logp).abs(), mask)),
+            "sync/logprob_err": sync_err,
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "time/sync_s": t_sync,
+            "perf/tokens_per_s": float(batch["attention_mask"].sum()) * self.world / elapsed,
+        })
+        return self.backend.mean(metrics)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the held-out prompts (sharded over ranks)."""
+        shard = self.eval_set[self.rank::self.world]
+        if not self.eval_set:
+            return {}
+        sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
+        rollouts = self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
+        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        correct = sum(is_correct(e, t) for e, t in zip(shard, texts))
+        totals = self.backend.mean({"correct": correct, "count": len(shard)})
+        return {"eval/accuracy": totals["correct"] / max(totals["count"], 1)}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        """Written under `step-N.tmp` and renamed when complete: a killed run never leaves a broken one."""
+        root = Path(self.cfg.output_dir) / "checkpoints"
+        tmp, final = root / f"step-{step}.tmp", root / f"step-{step}"
+        if self.backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.backend.barrier()
+        with self.backend.gathered():
+            if self.backend.is_main:
+                self.policy.lm.save_pretrained(tmp)
+        self.backend.save_state(tmp)
+        if self.backend.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "trainer": self.cfg.trainer}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.backend.barrier()
+
+    def load_checkpoint(self, folder: Path) -> int:
+        if self.backend.deepspeed is None:
+            from safetensors.torch import load_file
+
+            if self.cfg.peft.type != "none":
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.policy.lm, load_file(folder / "adapter_model.safetensors"))
+            else:
+                state = load_file(folder / "model.safetensors")
+                missing, unexpected = self.policy.lm.load_state_dict(state, strict=False)
+                tied = set(getattr(self.policy.lm, "_tied_weights_keys", None) or {})
+                if unexpected or set(missing) - tied - {"lm_head.weight"}:
+                    raise RuntimeError(f"{folder}: checkpoint does not match the model ({missing or unexpected})")
+        self.backend.load_state(folder)
+        return json.loads((folder / "trainer_state.json").read_text())["step"]
+
+    def save_final(self) -> Path:
+        out = Path(self.cfg.output_dir) / "final"
+        with self.backend.gathered():
+            state = merged_state_dict(self.policy.lm)
+            if self.backend.is_main:
+                hf_model(self.policy.lm).save_pretrained(out, state_dict=state)
+                self.tokenizer.save_pretrained(out)
+                if self.cfg.peft.type != "none":
+                    self.policy.lm.save_pretrained(out / "adapter")
+        self.backend.barrier()
+        return out
+
+    # ---- the run -----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        root = out / "checkpoints"
+        latest = latest_checkpoint(root)
+        if latest is not None and not cfg.resume:
+            raise ConfigError(f"{out} already holds checkpoints ({latest.name}): pass resume=true to continue "
+                              f"it, or choose another output_dir")
+        start = 0
+        if self.backend.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        if latest is not None:
+            start = self.load_checkpoint(latest)
+            log.info("resumed from %s", latest)
+        self.sync_weights()
+        logger = RunLogger(out, self.backend.is_main, start, cfg.train.max_steps)
+        first_eval = {}
+        if start == 0:
+            first_eval = self.evaluate()
+            logger.log(0, first_eval, advance=False)
+            if first_eval:
+                log.info("held-out greedy accuracy before training: %.3f", first_eval["eval/accuracy"])
+        metrics: dict[str, float] = {}
+        for step in range(start, cfg.train.max_steps):
+            metrics = self.step(step)
+            done = step + 1
+            if done == cfg.train.max_steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+                metrics.update(self.evaluate())
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                logger.log(done, metrics)
+            if done == cfg.train.max_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+                self.save_checkpoint(done)
+        logger.close()
+        final = self.save_final()
+        if self.backend.is_main:
+            plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.trainer}: {cfg.output_dir}")
+            if "eval/accuracy" in metrics:
+                before = f"{first_eval['eval/accuracy']:.3f} -> " if first_eval else ""
+                log.info("held-out greedy accuracy: %s%.3f", before, metrics["eval/accuracy"])
+            log.info("model: %s   report: %s   metrics: %s", final, out / "report.png", out / "metrics.jsonl")
+        return metrics

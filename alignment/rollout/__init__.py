@@ -1,0 +1,98 @@
+"""The rollout engine: one interface for every online trainer, backends `hf` and `vllm`.
+
+- `generate(prompts, sampling, prompt_uids)` returns token ids of prompt and response, per-token
+  log-probs of the sampled tokens (under the raw model distribution, temperature 1, as training
+  computes them) and the finish reason, `sampling.n` samples per prompt.
+- `update_weights(named_tensors, canary)` pushes full weights into the engine and verifies them:
+  engine and trainer log-probs on a fixed canary batch must agree within a tolerance, or
+  `WeightSyncError` is raised. It returns the error (`sync/logprob_err`).
+- `sleep()` / `wake()` free and restore memory between phases where a backend supports it.
+
+Sampling is seeded per sample from (seed, prompt uid, sample index), so a prompt's samples do not
+depend on which rank or batch generated it: one process and N processes roll out the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class WeightSyncError(RuntimeError):
+    """The engine's weights do not match the trainer's after a sync."""
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: list[list[int]] = field(default_factory=list)  # one entry per sample
+    response_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # fp32, one per response token
+    finish_reasons: list[str] = field(default_factory=list)  # "stop" (EOS) or "length"
+    prompt_index: list[int] = field(default_factory=list)  # position of the prompt in the request
+
+
+@dataclass
+class Canary:
+    """A fixed batch and the trainer's per-token log-probs on it, to check a weight sync."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    trainer_logprobs: list[torch.Tensor]
+
+
+def sample_seed(seed: int, prompt_uid: int, sample: int) -> int:
+    return (seed * 1_000_003 + prompt_uid * 9_973 + sample * 131 + 17) % (2**62)
+
+
+class RolloutEngine:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, prompt_uids: list[int] | None = None
+    ) -> Rollouts:
+        raise NotImplementedError
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Per-token log-probs of given responses under the engine's weights (fp32)."""
+        raise NotImplementedError
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor], canary: Canary | None = None,
+                       tolerance: float = 1e-3) -> float:
+        self.load_weights(named_tensors)
+        if canary is None:
+            return 0.0
+        engine_lp = self.logprobs(canary.prompt_ids, canary.response_ids)
+        err = max(float((a - b.to(a)).abs().max()) for a, b in zip(engine_lp, canary.trainer_logprobs))
+        if not err <= tolerance:
+            raise WeightSyncError(
+                f"weight sync check failed: engine and trainer log-probs on the canary batch differ by "
+                f"{err:.3g} > tolerance {tolerance:g} (stale or partial weights in the rollout engine)"
+            )
+        return err
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+def make_engine(backend: str, model, tokenizer, bf16: bool) -> RolloutEngine:
+    if backend == "hf":
+        from alignment.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, bf16=bf16)
+    if backend == "vllm":
+        raise NotImplementedError("rollout.backend=vllm arrives with the vLLM issue; use rollout.backend=hf")
+    raise ValueError(f"unknown rollout backend {backend!r} (valid: hf, vllm)")

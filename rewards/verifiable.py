@@ -1,0 +1,40 @@
+"""Rule-based rewards for prompts with a checkable answer (reasoning-gym tasks, or an `answer` field)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from alignment.data import Example
+
+
+@functools.lru_cache(maxsize=None)
+def _gym_scorer(task: str):
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(task)
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", str(text)).strip().rstrip(".").strip().lower()
+
+
+def is_correct(example: Example, response: str) -> bool:
+    """reasoning-gym's own checker for its tasks; normalised exact match for a plain `answer`."""
+    if example.entry is not None:
+        scorer = _gym_scorer(example.entry["metadata"]["source_dataset"])
+        return scorer(response.strip(), example.entry) >= 1.0
+    if example.answer is None:
+        raise ValueError("a verifiable reward needs an 'answer' in every prompt row")
+    return _normalise(response) == _normalise(example.answer)
+
+
+class VerifiableReward:
+    """+1 / -1 by default (the PMD recipe's scale: verl `math_dapo`)."""
+
+    def __init__(self, correct: float = 1.0, incorrect: float = -1.0):
+        self.correct = correct
+        self.incorrect = incorrect
+
+    def __call__(self, examples: list[Example], responses: list[str]) -> list[float]:
+        return [self.correct if is_correct(e, r) else self.incorrect for e, r in zip(examples, responses)]

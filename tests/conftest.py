@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random Llama models (head_dim 64) with SmolLM2's real tokenizer, built locally."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alignment.models import builtin_smollm2
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_smollm2())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def run_align(*args: str, env: dict | None = None, timeout: int = 600, launcher: list[str] | None = None):
+    """Run `align` (or a launcher around `-m alignment`) in a subprocess; returns CompletedProcess."""
+    cmd = (launcher or [sys.executable]) + ["-m", "alignment", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,18 @@
+"""One file per method; `TRAINERS` maps a recipe's `trainer:` key to its trainer class."""
+
+from __future__ import annotations
+
+import importlib
+
+from alignment.config import ConfigError
+
+TRAINERS = {
+    "pmd": "trainers.pmd:PMDTrainer",
+}
+
+
+def get_trainer(name: str):
+    if name not in TRAINERS:
+        raise ConfigError(f"trainer: unknown trainer {name!r} (valid: {', '.join(sorted(TRAINERS))})")
+    module, cls = TRAINERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
