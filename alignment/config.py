@@ -78,9 +78,10 @@ class PeftConfig:
 
 @dataclass
 class RewardConfig:
-    type: Literal["verifiable"] = "verifiable"
-    correct: float = 1.0  # PMD's verl recipe scores +1 / -1
+    type: Literal["verifiable", "python"] = "verifiable"
+    correct: float = 1.0  # verifiable: PMD's verl recipe scores +1 / -1
     incorrect: float = -1.0
+    function: str | None = None  # python: "path/to/file.py:fn" or "package.module:fn"
 
 
 @dataclass
@@ -132,6 +133,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int or tp is str:
         if isinstance(value, tp) and not isinstance(value, bool):
             return value

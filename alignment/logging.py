@@ -14,6 +14,7 @@ log = logging.getLogger("alignment")
 REPORT_PANELS = [
     ("reward/mean", "reward"),
     ("eval/accuracy", "held-out accuracy"),
+    ("eval/reward", "held-out reward"),
     ("kl", "KL to the rollout policy"),
     ("response_length/mean", "response length"),
     ("loss", "loss"),

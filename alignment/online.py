@@ -31,7 +31,8 @@ from alignment.models import (
     PolicyModel, apply_peft, hf_model, load_causal_lm, load_tokenizer, merged_state_dict, pack, token_logprobs,
 )
 from alignment.rollout import Canary, SamplingParams, make_engine
-from rewards.verifiable import VerifiableReward, is_correct
+from rewards import build_reward
+from rewards.verifiable import is_correct
 
 log = logging.getLogger("alignment")
 
@@ -74,7 +75,7 @@ class OnlineTrainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
-        self.reward_fn = VerifiableReward(cfg.reward.correct, cfg.reward.incorrect)
+        self.reward_fn = build_reward(cfg.reward)
         lm = load_causal_lm(cfg.model)
         engine_lm = copy.deepcopy(lm)
         lm = apply_peft(lm, cfg.peft)
@@ -198,16 +199,23 @@ class OnlineTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on the held-out prompts (sharded over ranks)."""
-        shard = self.eval_set[self.rank::self.world]
+        """Greedy reward (and accuracy, where answers are checkable) on the held-out prompts."""
         if not self.eval_set:
             return {}
+        shard = self.eval_set[self.rank::self.world]
         sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
         rollouts = self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        correct = sum(is_correct(e, t) for e, t in zip(shard, texts))
-        totals = self.backend.mean({"correct": correct, "count": len(shard)})
-        return {"eval/accuracy": totals["correct"] / max(totals["count"], 1)}
+        sums = {"count": len(shard), "reward": sum(self.reward_fn(shard, texts))}
+        checkable = all(e.entry is not None or e.answer is not None for e in self.eval_set)
+        if checkable:
+            sums["correct"] = sum(is_correct(e, t) for e, t in zip(shard, texts))
+        totals = self.backend.mean(sums)
+        count = max(totals["count"], 1)
+        out = {"eval/reward": totals["reward"] / count}
+        if checkable:
+            out["eval/accuracy"] = totals["correct"] / count
+        return out
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
@@ -278,8 +286,9 @@ class OnlineTrainer:
         first_eval = {}
         if start == 0:
             first_eval = self.evaluate()
-            logger.log(0, first_eval, advance=False)
             if first_eval:
+                logger.log(0, first_eval, advance=False)
+            if "eval/accuracy" in first_eval:
                 log.info("held-out greedy accuracy before training: %.3f", first_eval["eval/accuracy"])
         metrics: dict[str, float] = {}
         for step in range(start, cfg.train.max_steps):
@@ -296,7 +305,7 @@ class OnlineTrainer:
         if self.backend.is_main:
             plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.trainer}: {cfg.output_dir}")
             if "eval/accuracy" in metrics:
-                before = f"{first_eval['eval/accuracy']:.3f} -> " if first_eval else ""
+                before = f"{first_eval['eval/accuracy']:.3f} -> " if "eval/accuracy" in first_eval else ""
                 log.info("held-out greedy accuracy: %s%.3f", before, metrics["eval/accuracy"])
             log.info("model: %s   report: %s   metrics: %s", final, out / "report.png", out / "metrics.jsonl")
         return metrics

@@ -14,6 +14,8 @@ Choices where the paper's text was not available (methods.md section 5g): leave-
 code's rloo) rather than Kimi's full mean; the `seq-mean-token-mean` aggregation; tau = 0.1 by
 default in our small-model recipe (the paper's 30B figure) rather than the scripts' 0.01, because
 with +-1 rewards tau = 0.01 makes A / tau ~ 200 nats and the loss behaves like plain RLOO.
+Reward scale and tau trade off: +-1 rewards at tau behave like 0/1 rewards at tau / 2 (the
+population table in methods.md is for 0/1 rewards; tests/test_pmd_loss.py reproduces it).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def leave_one_out_partition(rewards: torch.Tensor, tau: float) -> torch.Tensor:
     eye = torch.eye(n, dtype=torch.bool, device=rewards.device)
     others = z.unsqueeze(-2).expand(*z.shape[:-1], n, n).masked_fill(eye, float("-inf"))  # [.., i, j]
     baseline = tau * (torch.logsumexp(others, -1) - math.log(n - 1))
-    return (rewards.double() - baseline).to(rewards.dtype)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32  # never truncate to int
+    return (rewards.double() - baseline).to(out_dtype)
 
 
 @register_policy_loss("pmd")

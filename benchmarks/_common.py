@@ -1,0 +1,115 @@
+"""Helpers shared by the benchmarks: machine and version info, matmul peak, timing stats, results JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "amx_bf16": "amx_bf16" in flags.split(),
+        "avx512_bf16": "avx512_bf16" in flags.split(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+
+
+def versions(*names: str) -> dict:
+    out = {}
+    for name in names:
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def matmul_peak_tflops(dtype, n: int = 2048, seconds: float = 1.5, trials: int = 3) -> float:
+    """Best-of-`trials` n x n matmul throughput in TFLOP/s on the current torch thread count."""
+    import torch
+
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    a @ b
+    one = max(time.perf_counter() - t, 1e-6)
+    reps = max(1, int(seconds / trials / one))
+    best = float("inf")
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / best / 1e12
+
+
+def summarize(times: list[float], warmup: int) -> dict:
+    """Median / mean / min / max of the steady-state step times (the first `warmup` steps left out)."""
+    steady = times[warmup:] if len(times) > warmup else times
+    return {
+        "median_s": statistics.median(steady),
+        "mean_s": statistics.fmean(steady),
+        "min_s": min(steady),
+        "max_s": max(steady),
+        "stdev_s": statistics.stdev(steady) if len(steady) > 1 else 0.0,
+        "steps_timed": len(steady),
+        "warmup_steps_excluded": len(times) - len(steady),
+    }
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    data = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"), **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for k, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,376 @@
+"""PMD-mean (ours) against TRL 1.16 GRPOTrainer (fp32 and bf16) on the same workload, in one process.
+
+    align bench pmd_vs_trl_grpo            # 60 steps per contender, 64 held-out problems (~20-25 min)
+    align bench pmd_vs_trl_grpo --quick    # 3 steps per contender, 16 held-out problems (smoke check)
+
+Workload (the same for every contender): SmolLM2-135M-Instruct (embedded, offline), reasoning-gym
+`chain_sum` (2 terms, 1-2 digits), prompt suffix " Reply with just the number.", chat template,
+2 prompts x 8 samples per step, at most 16 new tokens, lr 1e-5, temperature 1.0, no KL term.
+
+Contenders, run one after the other in this process with 2 torch threads:
+  - trl-fp32: GRPOTrainer with bf16=False (the peer figure in environment.md: 8.2 s/step).
+  - trl-bf16: GRPOTrainer with bf16=True (TRL's own default precision since 1.x).
+    Both keep TRL's other defaults (gradient checkpointing on, loss_type "dapo", scale_rewards
+    "group", epsilon 0.2, one optimizer step per generation batch). Reward: exact match 1 / 0
+    (GRPO normalises rewards per group, so the scale does not matter), same checker as ours.
+  - ours: trainers.pmd.PMDTrainer from configs/pmd_chain_sum.yaml (+1 / -1 reward, tau 0.1,
+    2 mini-batches per step, bf16 autocast with fp32 master weights), timing each `step()` call,
+    which includes rollout, old log-prob recompute, both updates and the verified weight sync.
+
+Step times leave out the first warm-up steps. Held-out greedy accuracy is measured by one evaluator
+for every contender: the trained weights loaded into an fp32 `HFEngine`, greedy decoding, at most 16
+new tokens, `rewards.verifiable.is_correct`. FLOPs are estimated from the real (unpadded) token
+counts: 2 FLOPs per parameter per token forward, 4 backward; the decoder's matmul parameters see
+every token, the LM head (tied embedding) only the completion positions.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import gc  # noqa: E402
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "pmd_vs_trl_grpo"
+CONFIG = ROOT / "configs" / "pmd_chain_sum.yaml"
+THREADS = 2
+DOC_PEAK_BF16, DOC_PEAK_FP32 = 2.0, 0.32  # TFLOP/s, environment.md
+TARGET_VS_FP32, TARGET_VS_BF16 = 3.0, 1.5
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location("benchmarks._common", Path(__file__).with_name("_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+C = _common()
+
+
+# ---- workload -----------------------------------------------------------------------------------
+def build_ours_config(steps: int, eval_size: int, output_dir: str):
+    from alignment.cli import build_config
+
+    overrides = [
+        f"output_dir={output_dir}", f"train.max_steps={steps}", "train.batch_size=2", "rollout.n=8",
+        "rollout.max_new_tokens=16", "rollout.temperature=1.0", "train.lr=1.0e-5", f"data.eval_size={eval_size}",
+        "train.save_every=0", "train.eval_every=0", "rollout.backend=hf", "model.path=builtin:smollm2-135m-instruct",
+    ]
+    return build_config(str(CONFIG), overrides)
+
+
+def param_counts(model) -> dict:
+    """Matmul parameters of the decoder layers and of the LM head (tied to the embedding here)."""
+    layers = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    head = model.get_output_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return {"layers": layers, "head": head, "total": total}
+
+
+def flops(params: dict, tokens: float, completion_tokens: float, passes: float) -> float:
+    """`passes` forward-equivalents (1 forward, 3 forward+backward) over `tokens` real tokens."""
+    return 2.0 * passes * (params["layers"] * tokens + params["head"] * completion_tokens)
+
+
+class GreedyEval:
+    """The one held-out evaluator: trained weights -> fp32 HFEngine -> greedy -> is_correct."""
+
+    def __init__(self, model_path, tokenizer, examples, max_new_tokens: int):
+        from transformers import AutoModelForCausalLM
+
+        from alignment.data import encode_prompt
+        from alignment.rollout.hf import HFEngine
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.engine = HFEngine(model, tokenizer, bf16=False)
+        self.tokenizer = tokenizer
+        self.examples = examples
+        self.prompts = [encode_prompt(tokenizer, e.prompt, True) for e in examples]
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        from alignment.models import hf_model
+        from alignment.rollout import SamplingParams
+        from rewards.verifiable import is_correct
+
+        self.engine.load_weights({n: p.detach() for n, p in hf_model(model).named_parameters()})
+        rollouts = self.engine.generate(self.prompts, SamplingParams(n=1, max_new_tokens=self.max_new_tokens,
+                                                                     temperature=0.0))
+        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        return sum(is_correct(e, t) for e, t in zip(self.examples, texts)) / len(self.examples)
+
+
+# ---- contenders ---------------------------------------------------------------------------------
+def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_pmd_") as tmp:
+        trainer_cls, cfg = build_ours_config(steps, eval_size, tmp)
+        t0 = time.perf_counter()
+        trainer = trainer_cls(cfg)
+        setup_s = time.perf_counter() - t0
+        trainer.sync_weights()
+        own_before = trainer.evaluate().get("eval/accuracy")
+
+        captured = []
+        generate = trainer.engine.generate
+
+        def recording_generate(*args, **kwargs):
+            out = generate(*args, **kwargs)
+            captured.append(out)
+            return out
+
+        times, per_step, loads = [], [], [C.load_average()]
+        for s in range(steps):
+            captured.clear()
+            trainer.engine.generate = recording_generate
+            t = time.perf_counter()
+            metrics = trainer.step(s)
+            times.append(time.perf_counter() - t)
+            trainer.engine.generate = generate
+            ro = captured[-1]
+            prompt_tokens = sum(len(p) for p in ro.prompt_ids)
+            completion_tokens = sum(len(r) for r in ro.response_ids)
+            per_step.append({
+                "step": s + 1, "seconds": times[-1], "reward_mean": metrics["reward/mean"],
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "rollout_s": metrics["time/rollout_s"], "train_s": metrics["time/train_s"],
+                "sync_s": metrics["time/sync_s"], "loss": metrics.get("loss"),
+            })
+            print(f"  ours step {s + 1}/{steps}: {times[-1]:.2f} s  reward {metrics['reward/mean']:+.3f}  "
+                  f"(rollout {metrics['time/rollout_s']:.2f} s, train {metrics['time/train_s']:.2f} s, "
+                  f"sync {metrics['time/sync_s']:.2f} s)", flush=True)
+        loads.append(C.load_average())
+        own_after = trainer.evaluate().get("eval/accuracy")
+        after = evaluator(trainer.policy.lm)
+        del trainer
+        gc.collect()
+    return {"times": times, "per_step": per_step, "after": after, "setup_s": setup_s, "load_average": loads,
+            "own_eval_bf16": {"before": own_before, "after": own_after},
+            "extra_forward_passes": 1.0,  # the old log-prob recompute over the whole batch
+            "phases": {k: statistics.median(p[k] for p in per_step) for k in ("rollout_s", "train_s", "sync_s")}}
+
+
+def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator: GreedyEval) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.verifiable import is_correct
+
+    dataset = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": e.prompt}] for e in train_set],
+        "answer": [str(e.answer) for e in train_set],
+        "idx": list(range(len(train_set))),
+    })
+
+    def exact_match(completions, idx, **_):
+        """1 / 0 with the framework's checker (reasoning-gym's own scorer for chain_sum)."""
+        return [1.0 if is_correct(train_set[i], c[0]["content"]) else 0.0 for c, i in zip(completions, idx)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end.append(time.perf_counter())
+            print(f"  trl-{'bf16' if bf16 else 'fp32'} step {len(self.end)}/{steps}: "
+                  f"{self.end[-1] - self.begin[-1]:.2f} s", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, per_device_train_batch_size=16, num_generations=8, max_completion_length=16,
+            learning_rate=1e-5, beta=0.0, temperature=1.0, max_steps=steps, logging_steps=1, report_to="none",
+            use_cpu=True, save_strategy="no", bf16=bf16, seed=0, disable_tqdm=True,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        timer = StepTimer()
+        t0 = time.perf_counter()
+        trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[timer])
+        setup_s = time.perf_counter() - t0
+        for cb in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(cb)
+        loads = [C.load_average()]
+        t_train = time.perf_counter()
+        trainer.train()
+        train_wall = time.perf_counter() - t_train
+        loads.append(C.load_average())
+        times = [e - b for b, e in zip(timer.begin, timer.end)]
+        cadence = [timer.end[0] - timer.begin[0]] + [b - a for a, b in zip(timer.end, timer.end[1:])]
+        logs = [h for h in trainer.state.log_history if "reward" in h]
+        per_step, prev_tokens = [], 0.0
+        for k, h in enumerate(logs):
+            tokens = float(h.get("num_tokens", 0.0))
+            completion_tokens = float(h.get("completions/mean_length", 0.0)) * 16
+            per_step.append({
+                "step": k + 1, "seconds": times[k] if k < len(times) else None, "reward_mean": h.get("reward"),
+                "prompt_tokens": tokens - prev_tokens - completion_tokens, "completion_tokens": completion_tokens,
+                "loss": h.get("loss"),
+            })
+            prev_tokens = tokens
+        after = evaluator(trainer.model)
+        del trainer, model
+        gc.collect()
+    return {"times": times, "cadence_s": cadence, "per_step": per_step, "after": after, "setup_s": setup_s,
+            "train_wall_s": train_wall, "load_average": loads,
+            "extra_forward_passes": 1.0,  # gradient checkpointing recomputes the forward in backward
+            "config": {"gradient_checkpointing": args.gradient_checkpointing, "loss_type": args.loss_type,
+                       "scale_rewards": args.scale_rewards, "epsilon": args.epsilon, "bf16": args.bf16,
+                       "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations}}
+
+
+# ---- report -------------------------------------------------------------------------------------
+def main(quick: bool = False) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    from alignment.data import load_prompts
+    from alignment.models import load_tokenizer, resolve_path
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("alignment").setLevel(logging.WARNING)
+
+    steps, warmup, eval_size = (3, 1, 16) if quick else (60, 2, 64)
+    command = f"align bench {NAME}" + (" --quick" if quick else "")
+    print(f"{command}: {steps} steps per contender, {eval_size} held-out problems, {THREADS} threads", flush=True)
+
+    _, cfg = build_ours_config(steps, eval_size, tempfile.gettempdir())
+    model_path = resolve_path(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, eval_set = load_prompts(cfg.data, cfg.seed)
+
+    peaks = {"bf16_tflops": [C.matmul_peak_tflops(torch.bfloat16)], "fp32_tflops": [C.matmul_peak_tflops(torch.float32)]}
+    print(f"matmul peak (2048^3, {THREADS} threads): bf16 {peaks['bf16_tflops'][0]:.2f} TFLOP/s, "
+          f"fp32 {peaks['fp32_tflops'][0]:.3f} TFLOP/s", flush=True)
+
+    evaluator = GreedyEval(model_path, tokenizer, eval_set, cfg.rollout.max_new_tokens)
+    params = param_counts(evaluator.engine.model)
+    before = evaluator(evaluator.engine.model)
+    print(f"held-out greedy accuracy before training: {before:.3f} ({eval_size} problems)", flush=True)
+
+    runs = {}
+    print("ours (PMD-mean, bf16 autocast):", flush=True)
+    runs["ours"] = run_ours(steps, eval_size, evaluator, params)
+    for bf16 in (False, True):
+        name = "trl-bf16" if bf16 else "trl-fp32"
+        print(f"{name} (TRL GRPOTrainer, bf16={bf16}):", flush=True)
+        runs[name] = run_trl(bf16, steps, train_set, model_path, tokenizer, evaluator)
+
+    peaks["bf16_tflops"].append(C.matmul_peak_tflops(torch.bfloat16))
+    peaks["fp32_tflops"].append(C.matmul_peak_tflops(torch.float32))
+    peak_bf16, peak_fp32 = max(peaks["bf16_tflops"]), max(peaks["fp32_tflops"])
+
+    figures = {}
+    for name, run in runs.items():
+        stats = C.summarize(run["times"], warmup)
+        steady = run["per_step"][warmup:] or run["per_step"]
+        tokens = statistics.fmean(p["prompt_tokens"] + p["completion_tokens"] for p in steady)
+        completion = statistics.fmean(p["completion_tokens"] for p in steady)
+        model_flops = flops(params, tokens, completion, 1 + 3)  # rollout forward + train forward/backward
+        extra = flops(params, tokens, completion if name == "ours" else 0.0, run["extra_forward_passes"])
+        executed = model_flops + extra
+        t = stats["median_s"]
+        figures[name] = {
+            **stats,
+            "accuracy_before": before,
+            "accuracy_after": run["after"],
+            "accuracy_gain": run["after"] - before,
+            "reward_mean_first5": statistics.fmean(p["reward_mean"] for p in run["per_step"][:5]),
+            "reward_mean_last10": statistics.fmean(p["reward_mean"] for p in run["per_step"][-10:]),
+            "tokens_per_step": tokens,
+            "completion_tokens_per_step": completion,
+            "model_flops_per_step": model_flops,
+            "executed_flops_per_step": executed,
+            "achieved_tflops": executed / t / 1e12,
+            "fraction_of_bf16_peak": executed / t / 1e12 / peak_bf16,
+            "fraction_of_doc_bf16_2tflops": executed / t / 1e12 / DOC_PEAK_BF16,
+            "fraction_of_fp32_peak": executed / t / 1e12 / peak_fp32,
+            "bf16_bound_s": executed / (peak_bf16 * 1e12),
+            "setup_s": run["setup_s"],
+            "load_average_before_after": run["load_average"],
+            "step_times_s": run["times"],
+            "per_step": run["per_step"],
+        }
+        for key in ("cadence_s", "config", "train_wall_s", "own_eval_bf16", "phases"):
+            if key in run:
+                figures[name][key] = run[key]
+
+    ours = figures["ours"]
+    ratios = {f"ours_vs_{k.replace('-', '_')}": {
+        "x_faster_median": figures[k]["median_s"] / ours["median_s"],
+        "x_faster_mean": figures[k]["mean_s"] / ours["mean_s"]} for k in ("trl-fp32", "trl-bf16")}
+    targets = {
+        "ours >= 3x faster per step than TRL fp32": ratios["ours_vs_trl_fp32"]["x_faster_median"] >= TARGET_VS_FP32,
+        "ours >= 1.5x faster per step than TRL bf16": ratios["ours_vs_trl_bf16"]["x_faster_median"] >= TARGET_VS_BF16,
+        "ours accuracy gain >= TRL fp32's": ours["accuracy_gain"] >= figures["trl-fp32"]["accuracy_gain"],
+        "ours accuracy gain >= TRL bf16's": ours["accuracy_gain"] >= figures["trl-bf16"]["accuracy_gain"],
+    }
+
+    rows = []
+    for name, f in figures.items():
+        ratio = "1.00x" if name == "ours" else f"{f['median_s'] / ours['median_s']:.2f}x"
+        rows.append([name, f"{f['median_s']:.2f}", f"{f['mean_s']:.2f}", ratio,
+                     f"{f['accuracy_before']:.3f} -> {f['accuracy_after']:.3f}", f"{f['accuracy_gain']:+.3f}",
+                     f"{f['executed_flops_per_step'] / 1e12:.2f}", f"{f['achieved_tflops']:.3f}",
+                     f"{100 * f['fraction_of_bf16_peak']:.1f}%", f"{f['bf16_bound_s']:.2f}"])
+    header = ["contender", "s/step med", "s/step mean", "ours x faster", f"acc ({eval_size}) before -> after",
+              "gain", "TFLOP/step", "TFLOP/s", "of bf16 peak", "bf16 bound s"]
+    print()
+    print(f"{steps} steps each, steady state = steps {warmup + 1}..{steps}; "
+          f"matmul peak bf16 {peak_bf16:.2f} / fp32 {peak_fp32:.3f} TFLOP/s ({THREADS} threads)")
+    print(C.table(rows, header))
+    for k, v in ratios.items():
+        print(f"{k}: {v['x_faster_median']:.2f}x faster (median), {v['x_faster_mean']:.2f}x (mean)")
+    for k, v in targets.items():
+        print(f"target {k}: {'met' if v else 'NOT met'}")
+
+    result = {
+        "mode": "quick" if quick else "full",
+        "command": command,
+        "argv": sys.argv,
+        "machine": {**C.machine_info(), "torch_threads": torch.get_num_threads()},
+        "versions": C.versions("torch", "transformers", "trl", "datasets", "accelerate", "reasoning_gym"),
+        "workload": {
+            "model": "SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct)", "task": "reasoning-gym chain_sum",
+            "task_args": cfg.data.task_args, "prompt_suffix": cfg.data.prompt_suffix, "chat_template": True,
+            "prompts_per_step": 2, "samples_per_prompt": 8, "max_new_tokens": 16, "lr": 1e-5,
+            "temperature": 1.0, "kl": 0.0, "steps": steps, "warmup_steps_excluded": warmup,
+            "eval_problems": eval_size, "eval": "greedy, fp32 HFEngine, rewards.verifiable.is_correct",
+            "params": params, "rewards": {"ours": "+1 / -1", "trl": "1 / 0"},
+        },
+        "matmul_peak": {**peaks, "size": 2048, "threads": THREADS, "doc_bf16_tflops": DOC_PEAK_BF16,
+                        "doc_fp32_tflops": DOC_PEAK_FP32},
+        "ratios": ratios,
+        "targets": targets,
+        "contenders": figures,
+    }
+    name = NAME + (".quick" if quick else "")
+    path = C.write_results(name, result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
