@@ -135,10 +135,18 @@ class Backend:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: each rank holds a shard of every parameter."""
+        return self.deepspeed is not None and self.zero_stage == 3
+
     @contextlib.contextmanager
     def gathered(self):
-        """Full parameters visible on every rank (ZeRO-3 partitions them); a no-op otherwise."""
-        if self.deepspeed is not None and self.zero_stage == 3:
+        """Full parameters visible on every rank (ZeRO-3 partitions them); a no-op otherwise.
+
+        Any module forward inside the context re-partitions that module's parameters on exit.
+        """
+        if self.partitioned:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):

@@ -124,15 +124,17 @@ class OnlineTrainer:
     @torch.no_grad()
     def sync_weights(self) -> float:
         """Push merged weights into the engine, then check canary log-probs against the trainer."""
+        with self.backend.gathered():
+            weights = merged_state_dict(self.policy.lm)
+            if self.backend.partitioned:  # ZeRO-3 frees the gathered values when the context ends
+                weights = {name: t.detach().clone() for name, t in weights.items()}
         prompts, responses = self.canary_batch
         batch = pack(prompts, responses, self.tokenizer.pad_token_id)
         r_len = batch["response_mask"].shape[1]
-        with self.backend.gathered():
-            lp, _ = token_logprobs(self.policy.lm, batch["input_ids"], batch["attention_mask"],
-                                   batch["position_ids"], r_len, bf16=False)
-            canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
-            return self.engine.update_weights(merged_state_dict(self.policy.lm), canary,
-                                              self.cfg.rollout.sync_tolerance)
+        lp, _ = token_logprobs(self.policy.lm, batch["input_ids"], batch["attention_mask"],
+                               batch["position_ids"], r_len, bf16=False)
+        canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
+        return self.engine.update_weights(weights, canary, self.cfg.rollout.sync_tolerance)
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -231,7 +233,8 @@ class OnlineTrainer:
                 self.policy.lm.save_pretrained(tmp)
         self.backend.save_state(tmp)
         if self.backend.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "trainer": self.cfg.trainer}))
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "trainer": self.cfg.trainer, "world_size": self.world, "backend": self.backend.kind}))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         self.backend.barrier()
