@@ -19,14 +19,26 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", str(text)).strip().rstrip(".").strip().lower()
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def candidates(response: str) -> list[str]:
+    """The whole response, then its last number ("The answer is 6." -> "6"), as math RL graders do."""
+    out = [response.strip()]
+    numbers = NUMBER.findall(response)
+    if numbers:
+        out.append(numbers[-1])
+    return out
+
+
 def is_correct(example: Example, response: str) -> bool:
     """reasoning-gym's own checker for its tasks; normalised exact match for a plain `answer`."""
     if example.entry is not None:
         scorer = _gym_scorer(example.entry["metadata"]["source_dataset"])
-        return scorer(response.strip(), example.entry) >= 1.0
+        return any(scorer(c, example.entry) >= 1.0 for c in candidates(response))
     if example.answer is None:
         raise ValueError("a verifiable reward needs an 'answer' in every prompt row")
-    return _normalise(response) == _normalise(example.answer)
+    return any(_normalise(c) == _normalise(example.answer) for c in candidates(response))
 
 
 class VerifiableReward:
