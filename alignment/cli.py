@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train with a YAML recipe")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=2e-5")
+    # The `deepspeed` launcher appends --local_rank; ranks are read from torch.distributed instead.
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")
     bench.set_defaults(func=cmd_bench)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -60,6 +60,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def kl_k3(old_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi_old || pi) on tokens sampled from pi_old: (r - 1) - log r >= 0, r = pi / pi_old."""
+    log_ratio = logp - old_logp
+    return log_ratio.exp() - 1 - log_ratio
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """Newest complete checkpoint; `.tmp` folders are incomplete and ignored."""
     done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
@@ -175,7 +181,7 @@ class OnlineTrainer:
             self.backend.backward(loss)
             grad_norm = self.backend.step()
             for key, value in {"loss": float(loss.detach()), "grad_norm": grad_norm,
-                               "kl": float(masked_mean(old_logp[sl] - logp.detach(), mask[sl])),
+                               "kl": float(masked_mean(kl_k3(old_logp[sl], logp.detach()), mask[sl])),
                                "entropy": float(masked_mean(entropy, mask[sl])), **loss_stats}.items():
                 stats.setdefault(key, []).append(float(value))
         t_train = time.perf_counter() - t_start - t_rollout

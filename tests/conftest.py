@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
+def tiny_llama(folder: Path, seed: int = 0, layers: int = 2, init_range: float = 0.02) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from alignment.models import builtin_smollm2
@@ -24,7 +24,7 @@ def tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=init_range,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
