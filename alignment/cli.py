@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")
     bench.set_defaults(func=cmd_bench)
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from alignment.logging import read_metrics
@@ -91,3 +92,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model):
     for step in range(max(done) + 1, 6):  # steps run after the resume match the uninterrupted run
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-7), step
     assert json.loads((killed / "checkpoints" / "step-5" / "trainer_state.json").read_text())["step"] == 5
+
+
+def test_lora_run_resumes_and_saves_a_merged_model(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from alignment.cli import main
+
+    recipe = toy_recipe(tmp_path, tiny_model, peft={"type": "lora", "r": 4, "alpha": 8})
+    out = tmp_path / "lora"
+    assert main(["train", str(recipe), f"output_dir={out}", "train.max_steps=1", "train.save_every=1"]) == 0
+    assert (out / "checkpoints" / "step-1" / "adapter_model.safetensors").is_file()
+    assert main(["train", str(recipe), f"output_dir={out}", "train.max_steps=2", "resume=true"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
+    assert all(r["sync/logprob_err"] < 1e-3 for r in read_metrics(out / "metrics.jsonl") if r["step"])
+
+    # final/ is a plain transformers model with the adapters merged in; final/adapter keeps them.
+    adapter = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    merged = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)

@@ -73,7 +73,7 @@ class RolloutEngine:
         if canary is None:
             return 0.0
         engine_lp = self.logprobs(canary.prompt_ids, canary.response_ids)
-        err = max(float((a - b.to(a)).abs().max()) for a, b in zip(engine_lp, canary.trainer_logprobs))
+        err = max(float((a - b.detach().to(a)).abs().max()) for a, b in zip(engine_lp, canary.trainer_logprobs))
         if not err <= tolerance:
             raise WeightSyncError(
                 f"weight sync check failed: engine and trainer log-probs on the canary batch differ by "
