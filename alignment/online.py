@@ -164,18 +164,22 @@ class OnlineTrainer:
         mask = batch["response_mask"].float()
         r_len = mask.shape[1]
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
-        with torch.no_grad():  # the policy that generated the batch, in the training precision
-            old_logp, _ = self.backend(**inputs, response_len=r_len)
-        rollout_logp = torch.zeros_like(old_logp)
-        for i, lp in enumerate(rollouts.logprobs):
-            rollout_logp[i, : len(lp)] = lp
+        rows = len(rollouts.response_ids) // k
+        # Log-probs of the policy that generated the batch, in the training precision. The first
+        # mini-batch is still on-policy when it is trained, so its own forward provides them.
+        old_logp = torch.zeros(mask.shape)
+        if k > 1:
+            with torch.no_grad():
+                old_logp[rows:], _ = self.backend(**{key: v[rows:] for key, v in inputs.items()},
+                                                  response_len=r_len)
 
         stats: dict[str, list[float]] = {}
-        rows = len(rollouts.response_ids) // k
         for j in range(k):
             sl = slice(j * rows, (j + 1) * rows)
             logp, entropy = self.backend(**{key: v[sl] for key, v in inputs.items()}, response_len=r_len,
                                          with_entropy=True)
+            if j == 0:
+                old_logp[sl] = logp.detach()
             loss, loss_stats = POLICY_LOSSES[self.policy_loss](
                 logp, old_logp[sl], advantages[sl], mask[sl], **self.loss_params())
             self.backend.backward(loss)
@@ -186,8 +190,16 @@ class OnlineTrainer:
                 stats.setdefault(key, []).append(float(value))
         t_train = time.perf_counter() - t_start - t_rollout
 
+        rollout_logp = torch.zeros_like(old_logp)
+        for i, lp in enumerate(rollouts.logprobs):
+            rollout_logp[i, : len(lp)] = lp
+
         t_sync = time.perf_counter()
         sync_err = self.sync_weights()
+        rollout_logp = torch.zeros_like(old_logp)
+        for i, lp in enumerate(rollouts.logprobs):
+            rollout_logp[i, : len(lp)] = lp
+
         t_sync = time.perf_counter() - t_sync
         elapsed = time.perf_counter() - t_start
         metrics = {key: sum(v) / len(v) for key, v in stats.items()}
