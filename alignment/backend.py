@@ -86,7 +86,8 @@ class Backend:
         self.train = train
         self.module = module
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+        # fused: one pass over parameters, gradients and moments (CPU and GPU kernels in torch >= 2.4).
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
         warmup = max(1, train.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.deepspeed = None

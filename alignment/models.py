@@ -77,7 +77,8 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
     """fp32 master weights: bf16 enters through autocast in the trainer and the rollout engine."""
     path = resolve_path(cfg.path)
     AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)  # fails early on a bad path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                                 attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     return model
 

@@ -97,8 +97,10 @@ class OnlineTrainer:
                 f"per mini-batch must divide evenly over {self.world} processes"
             )
         self.engine = make_engine(cfg.rollout.backend, engine_lm, self.tokenizer, cfg.train.bf16)
-        canary_prompts = [self.encode(self.train_set[i].prompt) for i in range(min(2, len(self.train_set)))]
-        self.canary_batch = (canary_prompts, [p[:8] for p in canary_prompts])
+        # A fixed canary batch for the weight-sync check: the tail of two prompts, scored as responses
+        # to their first tokens (short, so the fp32 check costs little).
+        canary = [self.encode(self.train_set[i].prompt)[-24:] for i in range(min(2, len(self.train_set)))]
+        self.canary_batch = ([c[:16] for c in canary], [c[16:] for c in canary])
         log.info("rank %d/%d, backend %s, %d training prompts", self.rank, self.world, self.backend.kind,
                  len(self.train_set))
 
