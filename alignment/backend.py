@@ -84,7 +84,8 @@ class Backend:
         self.rank, self.world_size = init_distributed(ds_path is not None)
         self.is_main = self.rank == 0
         self.train = train
-        self.module = module
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        self.module = module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
         # fused: one pass over parameters, gradients and moments (CPU and GPU kernels in torch >= 2.4).
         self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)

@@ -96,7 +96,8 @@ class OnlineTrainer:
                 f"train.batch_size / train.mini_batches = {cfg.train.batch_size // cfg.train.mini_batches} prompts "
                 f"per mini-batch must divide evenly over {self.world} processes"
             )
-        self.engine = make_engine(cfg.rollout.backend, engine_lm, self.tokenizer, cfg.train.bf16)
+        self.engine = make_engine(cfg.rollout.backend, engine_lm.to(self.backend.device), self.tokenizer,
+                                  cfg.train.bf16)
         # A fixed canary batch for the weight-sync check: the tail of two prompts, scored as responses
         # to their first tokens (short, so the fp32 check costs little).
         canary = [self.encode(self.train_set[i].prompt)[-24:] for i in range(min(2, len(self.train_set)))]
@@ -137,7 +138,7 @@ class OnlineTrainer:
             if self.backend.partitioned:  # ZeRO-3 frees the gathered values when the context ends
                 weights = {name: t.detach().clone() for name, t in weights.items()}
         prompts, responses = self.canary_batch
-        batch = pack(prompts, responses, self.tokenizer.pad_token_id)
+        batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
         r_len = batch["response_mask"].shape[1]
         lp, _ = token_logprobs(self.policy.lm, batch["input_ids"], batch["attention_mask"],
                                batch["position_ids"], r_len, bf16=False)
@@ -158,18 +159,19 @@ class OnlineTrainer:
         rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
                                         prompt_uids=positions)
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        rewards = torch.tensor(self.reward_fn([examples[i] for i in rollouts.prompt_index], texts))
+        rewards = torch.tensor(self.reward_fn([examples[i] for i in rollouts.prompt_index], texts),
+                               device=self.backend.device)
         advantages = ADVANTAGES[self.advantage](rewards.view(-1, n), **self.advantage_params()).reshape(-1)
         t_rollout = time.perf_counter() - t_start
 
-        batch = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id)
+        batch = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id, self.backend.device)
         mask = batch["response_mask"].float()
         r_len = mask.shape[1]
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
         rows = len(rollouts.response_ids) // k
         # Log-probs of the policy that generated the batch, in the training precision. The first
         # mini-batch is still on-policy when it is trained, so its own forward provides them.
-        old_logp = torch.zeros(mask.shape)
+        old_logp = torch.zeros_like(mask)
         if k > 1:
             with torch.no_grad():
                 old_logp[rows:], _ = self.backend(**{key: v[rows:] for key, v in inputs.items()},
@@ -194,14 +196,10 @@ class OnlineTrainer:
 
         rollout_logp = torch.zeros_like(old_logp)
         for i, lp in enumerate(rollouts.logprobs):
-            rollout_logp[i, : len(lp)] = lp
+            rollout_logp[i, : len(lp)] = lp.to(rollout_logp.device)
 
         t_sync = time.perf_counter()
         sync_err = self.sync_weights()
-        rollout_logp = torch.zeros_like(old_logp)
-        for i, lp in enumerate(rollouts.logprobs):
-            rollout_logp[i, : len(lp)] = lp
-
         t_sync = time.perf_counter() - t_sync
         elapsed = time.perf_counter() - t_start
         metrics = {key: sum(v) / len(v) for key, v in stats.items()}

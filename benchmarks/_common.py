@@ -54,10 +54,37 @@ def versions(*names: str) -> dict:
     return out
 
 
+def git_state(root: Path) -> dict:
+    """Commit of the code measured, and whether the framework's files differed from it."""
+    import subprocess
+
+    def run(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = run("status", "--porcelain", "--", "alignment", "trainers", "rewards", "configs", "benchmarks/*.py")
+    return {"commit": run("rev-parse", "HEAD") or None, "dirty_files": dirty.splitlines()}
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
+        return None
+
+
+def cpu_stall_s() -> float | None:
+    """Seconds (cumulative) during which some runnable task waited for a CPU (Linux PSI).
+
+    On a 2-core machine running a 2-thread benchmark this grows only when other processes compete;
+    its growth during a step marks that step as contended.
+    """
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return int(line.rsplit("total=", 1)[1]) / 1e6
+    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -82,9 +109,25 @@ def matmul_peak_tflops(dtype, n: int = 2048, seconds: float = 1.5, trials: int =
     return 2 * n**3 / best / 1e12
 
 
-def summarize(times: list[float], warmup: int) -> dict:
-    """Median / mean / min / max of the steady-state step times (the first `warmup` steps left out)."""
+def summarize(times: list[float], warmup: int, stalls: list[float | None] | None = None,
+              max_stall: float = 0.10) -> dict:
+    """Median / mean / min / max of the steady-state step times (the first `warmup` steps left out).
+
+    With per-step CPU stall seconds (see `cpu_stall_s`), also the same over the uncontended steps:
+    those where other processes kept a runnable task waiting less than `max_stall` of the step.
+    """
     steady = times[warmup:] if len(times) > warmup else times
+    out = _stats(steady)
+    out["warmup_steps_excluded"] = len(times) - len(steady)
+    if stalls is not None and all(x is not None for x in stalls):
+        pairs = list(zip(times, stalls))[len(times) - len(steady):]
+        clean = [t for t, st in pairs if st < max_stall * t]
+        out["contended_steps"] = len(steady) - len(clean)
+        out["uncontended"] = _stats(clean) if clean else None
+    return out
+
+
+def _stats(steady: list[float]) -> dict:
     return {
         "median_s": statistics.median(steady),
         "mean_s": statistics.fmean(steady),
@@ -92,7 +135,6 @@ def summarize(times: list[float], warmup: int) -> dict:
         "max_s": max(steady),
         "stdev_s": statistics.stdev(steady) if len(steady) > 1 else 0.0,
         "steps_timed": len(steady),
-        "warmup_steps_excluded": len(times) - len(steady),
     }
 
 
