@@ -86,9 +86,9 @@ class Backend:
         self.train = train
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         self.module = module.to(self.device)
-        params = [p for p in module.parameters() if p.requires_grad]
+        self.params = [p for p in module.parameters() if p.requires_grad]
         # fused: one pass over parameters, gradients and moments (CPU and GPU kernels in torch >= 2.4).
-        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
         warmup = max(1, train.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.deepspeed = None
@@ -126,8 +126,7 @@ class Backend:
             self.deepspeed.step()
             norm = self.deepspeed.get_global_grad_norm()
             return float(norm) if norm is not None else 0.0
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from alignment.config import ConfigError, ModelConfig, PeftConfig
 
@@ -76,7 +76,6 @@ def load_tokenizer(cfg: ModelConfig):
 def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
     """fp32 master weights: bf16 enters through autocast in the trainer and the rollout engine."""
     path = resolve_path(cfg.path)
-    AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)  # fails early on a bad path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
                                                  attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
