@@ -1,6 +1,6 @@
 """PMD-mean (ours) against TRL 1.16 GRPOTrainer (fp32 and bf16) on the same workload, in one process.
 
-    align bench pmd_vs_trl_grpo            # 60 steps per contender, 64 held-out problems (~20-25 min)
+    align bench pmd_vs_trl_grpo            # 60 steps per contender, 64 held-out problems (~27 min)
     align bench pmd_vs_trl_grpo --quick    # 3 steps per contender, 16 held-out problems (smoke check)
 
 Workload (the same for every contender): SmolLM2-135M-Instruct (embedded, offline), reasoning-gym
@@ -15,13 +15,17 @@ Contenders, run one after the other in this process with 2 torch threads:
     (GRPO normalises rewards per group, so the scale does not matter), same checker as ours.
   - ours: trainers.pmd.PMDTrainer from configs/pmd_chain_sum.yaml (+1 / -1 reward, tau 0.1,
     2 mini-batches per step, bf16 autocast with fp32 master weights), timing each `step()` call,
-    which includes rollout, old log-prob recompute, both updates and the verified weight sync.
+    which includes rollout, the old log-prob forward (second mini-batch), both updates and the
+    verified weight sync.
 
-Step times leave out the first warm-up steps. Held-out greedy accuracy is measured by one evaluator
-for every contender: the trained weights loaded into an fp32 `HFEngine`, greedy decoding, at most 16
-new tokens, `rewards.verifiable.is_correct`. FLOPs are estimated from the real (unpadded) token
-counts: 2 FLOPs per parameter per token forward, 4 backward; the decoder's matmul parameters see
-every token, the LM head (tied embedding) only the completion positions.
+Step times leave out the first warm-up steps. Each step also records the CPU stall time other
+processes caused (Linux PSI, /proc/pressure/cpu); the headline step time is the median over the
+uncontended steps (stall < 10% of the step) when there are enough of them. Held-out greedy
+accuracy is measured by one evaluator for every contender: the trained weights loaded into an fp32
+`HFEngine`, greedy decoding, at most 16 new tokens, `rewards.verifiable.is_correct`. FLOPs are
+estimated from the real (unpadded) token counts: 2 FLOPs per parameter per token forward, 4
+backward; the decoder's matmul parameters see every token, the LM head (tied embedding) only the
+completion positions.
 """
 
 from __future__ import annotations
@@ -283,7 +287,8 @@ def main(quick: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     train_set, eval_set = load_prompts(cfg.data, cfg.seed)
 
-    peaks = {"bf16_tflops": [C.matmul_peak_tflops(torch.bfloat16)], "fp32_tflops": [C.matmul_peak_tflops(torch.float32)]}
+    peaks = {"bf16_tflops": [C.matmul_peak_tflops(torch.bfloat16)],
+             "fp32_tflops": [C.matmul_peak_tflops(torch.float32)]}
     print(f"matmul peak (2048^3, {THREADS} threads): bf16 {peaks['bf16_tflops'][0]:.2f} TFLOP/s, "
           f"fp32 {peaks['fp32_tflops'][0]:.3f} TFLOP/s", flush=True)
 
