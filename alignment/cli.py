@@ -45,11 +45,13 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="align", description="RLHF alignment training")
+    # The `deepspeed` launcher inserts --local_rank before the subcommand (ranks come from
+    # torch.distributed instead); `align train` accepts it after the config too.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with a YAML recipe")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=2e-5")
-    # The `deepspeed` launcher appends --local_rank; ranks are read from torch.distributed instead.
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/")

@@ -38,7 +38,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def run_align(*args: str, env: dict | None = None, timeout: int = 600, launcher: list[str] | None = None):
-    """Run `align` (or a launcher around `-m alignment`) in a subprocess; returns CompletedProcess."""
-    cmd = (launcher or [sys.executable]) + ["-m", "alignment", *args]
+    """Run `python -m alignment ARGS`, or `LAUNCHER alignment ARGS` where the launcher ends with its
+    own module flag (`accelerate launch ... -m`, `deepspeed ... --module`); returns CompletedProcess."""
+    cmd = (launcher or [sys.executable, "-m"]) + ["alignment", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

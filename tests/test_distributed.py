@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from alignment.logging import read_metrics
+from alignment.backend import _free_port
 from tests.conftest import run_align
 from tests.helpers import toy_recipe
 
@@ -44,7 +45,8 @@ def test_two_processes_zero2_match_one_process(reference, tmp_path):
     out = tmp_path / "run"
     proc = run_align(
         "train", str(recipe), f"output_dir={out}", "train.save_every=1",
-        launcher=ACCELERATE + ["--config_file", "launch/zero2.yaml", "--num_processes", "2", "--main_process_port", "0"],
+        launcher=ACCELERATE + ["--config_file", "launch/zero2.yaml", "--num_processes", "2",
+                               "--main_process_port", "0", "-m"],
         env={"TOY_REWARD_LOG": str(tmp_path / "scored")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +68,8 @@ def test_zero3_one_process_matches_plain_torch(reference, tmp_path):
     out = tmp_path / "run"
     proc = run_align(
         "train", str(recipe), f"output_dir={out}",
-        launcher=ACCELERATE + ["--config_file", "launch/zero3.yaml", "--num_processes", "1", "--main_process_port", "0"],
+        launcher=ACCELERATE + ["--config_file", "launch/zero3.yaml", "--num_processes", "1",
+                               "--main_process_port", "0", "-m"],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend deepspeed-zero3" in proc.stderr
@@ -74,3 +77,16 @@ def test_zero3_one_process_matches_plain_torch(reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final").num_parameters() > 0
+
+
+def test_deepspeed_launcher_two_processes_zero3(reference, tmp_path):
+    """The `deepspeed` launcher passes --local_rank before the subcommand; ZeRO-3 over 2 ranks."""
+    recipe, want, _ = reference
+    out = tmp_path / "run"
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2",
+                "--master_port", str(_free_port()), "--module"]
+    proc = run_align("train", str(recipe), f"output_dir={out}", "train.deepspeed=launch/ds_zero3.json",
+                     launcher=launcher)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "rank 0/2, backend deepspeed-zero3" in proc.stdout + proc.stderr
+    _same_losses(read_metrics(out / "metrics.jsonl"), want)
