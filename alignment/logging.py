@@ -99,8 +99,10 @@ def plot_report(metrics_path: Path, out_path: Path, title: str = "") -> None:
             ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, alpha=0.5 if len(points) > 10 else 1)
             if len(points) > 10:  # per-step values are noisy with small batches: show a moving average
                 window = max(3, len(points) // 10)
-                smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1])
-                          for i in range(len(ys))]
+                smooth = []
+                for i in range(len(ys)):
+                    recent = ys[max(0, i - window + 1): i + 1]
+                    smooth.append(sum(recent) / len(recent))
                 ax.plot(xs, smooth, color="C1", label=f"mean of {window}")
                 ax.legend(fontsize=7)
         ax.set_title(label)

@@ -44,9 +44,11 @@ class PythonReward:
     def __call__(self, examples: list[Example], responses: list[str]) -> list[float]:
         values = self.fn([e.prompt for e in examples], responses, [e.answer for e in examples])
         values = [float(v) for v in values]
-        if len(values) != len(responses) or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"reward function {self.spec} must return one finite float per response "
+        if len(values) != len(responses):
+            raise ValueError(f"reward function {self.spec} must return one float per response "
                              f"({len(responses)}), got {len(values)} values")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"reward function {self.spec} returned a non-finite reward: {values}")
         return values
 
 
