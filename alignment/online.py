@@ -83,7 +83,7 @@ class OnlineTrainer:
         self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
         self.reward_fn = build_reward(cfg.reward)
         lm = load_causal_lm(cfg.model)
-        engine_lm = copy.deepcopy(lm)
+        engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
         lm = apply_peft(lm, cfg.peft)
         lm.eval()  # no dropout: training and rollout log-probs must describe the same policy
         self.policy = PolicyModel(lm, cfg.train.bf16)
@@ -96,8 +96,8 @@ class OnlineTrainer:
                 f"train.batch_size / train.mini_batches = {cfg.train.batch_size // cfg.train.mini_batches} prompts "
                 f"per mini-batch must divide evenly over {self.world} processes"
             )
-        self.engine = make_engine(cfg.rollout.backend, engine_lm.to(self.backend.device), self.tokenizer,
-                                  cfg.train.bf16)
+        self.engine = make_engine(cfg.rollout, cfg.model, self.tokenizer, cfg.train.bf16, cfg.seed,
+                                  hf_copy=engine_lm.to(self.backend.device) if engine_lm is not None else None)
         # A fixed canary batch for the weight-sync check: the tail of two prompts, scored as responses
         # to their first tokens (short, so the fp32 check costs little).
         canary = [self.encode(self.train_set[i].prompt)[-24:] for i in range(min(2, len(self.train_set)))]
@@ -158,6 +158,7 @@ class OnlineTrainer:
 
         rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
                                         prompt_uids=positions)
+        self.engine.sleep()  # frees accelerator memory for training where the backend can
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
         rewards = torch.tensor(self.reward_fn([examples[i] for i in rollouts.prompt_index], texts),
                                device=self.backend.device)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignment.config import ModelConfig, RolloutConfig
+
 
 class WeightSyncError(RuntimeError):
     """The engine's weights do not match the trainer's after a sync."""
@@ -55,6 +57,8 @@ def sample_seed(seed: int, prompt_uid: int, sample: int) -> int:
 
 
 class RolloutEngine:
+    default_tolerance = 1e-3  # canary check when rollout.sync_tolerance is not set
+
     def generate(
         self, prompts: list[list[int]], sampling: SamplingParams, prompt_uids: list[int] | None = None
     ) -> Rollouts:
@@ -68,10 +72,11 @@ class RolloutEngine:
         raise NotImplementedError
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], canary: Canary | None = None,
-                       tolerance: float = 1e-3) -> float:
+                       tolerance: float | None = None) -> float:
         self.load_weights(named_tensors)
         if canary is None:
             return 0.0
+        tolerance = self.default_tolerance if tolerance is None else tolerance
         engine_lp = self.logprobs(canary.prompt_ids, canary.response_ids)
         err = max(float((a - b.detach().to(a)).abs().max()) for a, b in zip(engine_lp, canary.trainer_logprobs))
         if not err <= tolerance:
@@ -88,11 +93,17 @@ class RolloutEngine:
         pass
 
 
-def make_engine(backend: str, model, tokenizer, bf16: bool) -> RolloutEngine:
-    if backend == "hf":
+def make_engine(rollout: RolloutConfig, model: ModelConfig, tokenizer, bf16: bool, seed: int = 0,
+                hf_copy=None) -> RolloutEngine:
+    """`hf_copy`: the engine's own copy of the (unwrapped) model for the hf backend; vLLM loads the
+    model from `model.path` and receives the trainer's weights at the first sync."""
+    if rollout.backend == "hf":
         from alignment.rollout.hf import HFEngine
 
-        return HFEngine(model, tokenizer, bf16=bf16)
-    if backend == "vllm":
-        raise NotImplementedError("rollout.backend=vllm arrives with the vLLM issue; use rollout.backend=hf")
-    raise ValueError(f"unknown rollout backend {backend!r} (valid: hf, vllm)")
+        return HFEngine(hf_copy, tokenizer, bf16=bf16)
+    if rollout.backend == "vllm":
+        from alignment.models import resolve_path
+        from alignment.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(resolve_path(model.path), tokenizer, rollout.vllm, model.trust_remote_code, seed)
+    raise ValueError(f"unknown rollout backend {rollout.backend!r} (valid: hf, vllm)")
