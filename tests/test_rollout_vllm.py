@@ -176,12 +176,14 @@ def test_pmd_steps_end_to_end_on_vllm(one_process_run):
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_with_vllm_match_one_process(one_process_run, tmp_path):
-    """One engine per rank (vLLM's external launcher); ZeRO-3 shards are gathered for every sync."""
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_two_processes_zero3_with_vllm_match_one_process(one_process_run, tmp_path, tensor_parallel):
+    """One engine per rank (vLLM's external launcher), or one engine split over both ranks (tensor
+    parallel: the ranks pool their requests); ZeRO-3 shards are gathered for every sync."""
     recipe, want = one_process_run
     out = tmp_path / "run"
     proc = run_align(
-        "train", str(recipe), f"output_dir={out}",
+        "train", str(recipe), f"output_dir={out}", f"rollout.vllm.tensor_parallel_size={tensor_parallel}",
         launcher=[str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/zero3.yaml",
                   "--num_processes", "2", "--main_process_port", "0", "-m"],
     )
@@ -194,3 +196,15 @@ def test_two_processes_zero3_with_vllm_match_one_process(one_process_run, tmp_pa
         assert a["sync/logprob_err"] < 1e-3
         for key in ("loss", "kl", "reward/mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"enable_sleep_mode": True}, "rollout.vllm.enable_sleep_mode: not supported on this platform"),
+    ({"tensor_parallel_size": 3}, r"rollout.vllm.tensor_parallel_size \(3\) must divide the world size \(1\)"),
+])
+def test_unusable_engine_options_name_the_key(setup, tiny_model, options, message):
+    from alignment.config import ConfigError
+    from alignment.rollout.vllm import VLLMEngine
+
+    with pytest.raises(ConfigError, match=message):
+        VLLMEngine(str(tiny_model), setup[0], VLLMConfig(**options))

@@ -45,8 +45,8 @@ class _QuietRotaryReload(logging.Filter):
 def _engine_start(cfg: VLLMConfig):
     """Set what vLLM reads from the environment, and undo what its start-up changes process-wide.
 
-    Kept: an in-process engine, the CPU KV cache size, quieter vLLM logs. Only for the start-up: the
-    rank variables its external launcher expects (a single-process run has none; leaking them would
+    Kept: an in-process engine, the CPU KV cache size, quieter vLLM logs. Only for the start-up, where
+    a launcher did not set them: the rank variables its external launcher reads (leaking them would
     hand this process's rendezvous port to child processes).
     """
     from alignment.backend import _free_port
@@ -54,8 +54,9 @@ def _engine_start(cfg: VLLMConfig):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.cpu_kv_cache_gib:g}")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    launch = {} if dist.is_initialized() else {
-        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    launch = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": None}
     saved = {key: os.environ.get(key) for key in launch}
     for key, value in launch.items():
         if key not in os.environ:
