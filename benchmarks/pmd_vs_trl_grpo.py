@@ -172,7 +172,7 @@ def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict) ->
                   f"sync {metrics['time/sync_s']:.2f} s)", flush=True)
         loads.append(C.load_average())
         own_after = trainer.evaluate().get("eval/accuracy")
-        after = evaluator(trainer.policy.lm)
+        after = evaluator(trainer.model)
         after_lenient = evaluator.last_number_accuracy
         del trainer
         gc.collect()

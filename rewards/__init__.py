@@ -10,6 +10,7 @@ from typing import Callable
 
 from alignment.config import ConfigError, RewardConfig
 from alignment.data import Example
+from rewards.remote import RemoteReward
 from rewards.verifiable import VerifiableReward
 
 RewardFn = Callable[[list[Example], list[str]], list[float]]
@@ -55,6 +56,8 @@ class PythonReward:
 def build_reward(cfg: RewardConfig) -> RewardFn:
     if cfg.type == "verifiable":
         return VerifiableReward(cfg.correct, cfg.incorrect)
+    if cfg.type == "remote":
+        return RemoteReward(cfg)
     if not cfg.function:
         raise ConfigError("reward.function: required with reward.type=python")
     return PythonReward(cfg.function)

@@ -8,6 +8,9 @@ from alignment.config import ConfigError
 
 TRAINERS = {
     "pmd": "trainers.pmd:PMDTrainer",
+    "reward_model": "trainers.reward_model:RewardModelTrainer",
+    "dpo": "trainers.dpo:DPOTrainer",
+    "sft": "trainers.sft:SFTTrainer",
 }
 
 

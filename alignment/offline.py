@@ -1,0 +1,165 @@
+"""The loop of trainers that learn from a fixed dataset (SFT, reward models, DPO).
+
+One step = one optimizer step on `train.batch_size` rows (global): the rows are a function of
+(seed, step) (a fresh permutation each epoch), each rank takes its share, so resume is exact and N
+processes see what one process sees. `train.epochs > 0` sets the number of steps from the data size.
+A method defines `load_data`, `build_model`, `loss(rows) -> (loss, stats)` and
+`eval_sums(rows) -> {name: sum, "count": n}`; held-out metrics are the sums over all ranks divided
+by the count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from alignment.backend import Backend
+from alignment.config import BaseConfig, ConfigError
+from alignment.data import Pair, load_pairs, step_indices
+from alignment.logging import setup_console
+from alignment.models import load_tokenizer
+from alignment.trainer import Trainer
+from rewards.pairwise import PAIRWISE_LOSSES, r3m_delta
+
+log = logging.getLogger("alignment")
+
+
+class OfflineTrainer(Trainer):
+    eval_batch_size = 16
+    dropout = True  # train mode during steps (DPO keeps eval mode: TRL's disable_dropout)
+
+    def __init__(self, cfg: BaseConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_set, self.eval_set = self.load_data()
+        self.model = self.build_model()
+        self.backend = Backend(self.module, cfg.train, cfg.train.batch_size)
+        self.rank, self.world = self.backend.rank, self.backend.world_size
+        setup_console(self.backend.is_main)
+        if cfg.train.batch_size % self.world:
+            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide evenly over {self.world} processes")
+        log.info("rank %d/%d, backend %s, %d training rows, %d held out, %d steps", self.rank, self.world,
+                 self.backend.kind, len(self.train_set), len(self.eval_set), self.max_steps)
+
+    # ---- what a method defines -------------------------------------------------------------
+    module: torch.nn.Module  # what the backend wraps (its forward is the training computation)
+
+    def load_data(self) -> tuple[list, list]:
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, rows: list) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def eval_sums(self, rows: list) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ---- the loop ------------------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int:
+        t = self.cfg.train
+        if t.epochs > 0:
+            return max(1, math.ceil(t.epochs * len(self.train_set) / t.batch_size))
+        return t.max_steps
+
+    def rows_of(self, step: int) -> list:
+        order = step_indices(step, self.cfg.train.batch_size, len(self.train_set), self.cfg.seed)
+        return [self.train_set[i] for i in order[self.rank::self.world]]
+
+    def step(self, step: int) -> dict[str, float]:
+        t_start = time.perf_counter()
+        self.module.train(self.dropout)
+        loss, stats = self.loss(self.rows_of(step))
+        self.backend.backward(loss)
+        grad_norm = self.backend.step()
+        elapsed = time.perf_counter() - t_start
+        metrics = {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": self.backend.lr,
+                   "time/train_s": elapsed, **stats}
+        if "tokens" in stats:
+            metrics["perf/tokens_per_s"] = metrics.pop("tokens") * self.world / elapsed
+        return self.backend.mean(metrics)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_set:
+            return {}
+        self.module.eval()
+        shard = self.eval_set[self.rank::self.world]
+        sums: dict[str, float] = {"count": 0.0}
+        for start in range(0, len(shard), self.eval_batch_size):
+            for key, value in self.eval_sums(shard[start:start + self.eval_batch_size]).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        # Every rank sends the same keys, also one whose shard is empty.
+        totals = self.backend.mean({k: sums.get(k, 0.0) for k in ("count", *self.eval_keys)})
+        count = max(totals.pop("count"), 1e-9)
+        return {f"eval/{k}": v / count for k, v in totals.items()}
+
+    eval_keys: tuple[str, ...] = ()  # the sums eval_sums returns besides "count"
+
+
+class PairwiseTrainer(OfflineTrainer):
+    """Preference pairs -> margins -> a registered pairwise loss (`bt`/`sigmoid`, `r3m`).
+
+    A method defines `margins(pairs)`: how much the model prefers each labelled-chosen response
+    (reward difference for a reward model, beta-scaled log-ratio difference for DPO). R^3M runs
+    log `r3m/outlier_frac` and, at the end, write outliers.jsonl from the final model.
+    """
+
+    eval_keys = ("accuracy", "loss")
+
+    def load_data(self):
+        return load_pairs(self.cfg.data, self.cfg.seed)
+
+    def margins(self, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
+        """(margin per pair, tokens processed)."""
+        raise NotImplementedError
+
+    def loss_name(self) -> str:
+        raise NotImplementedError
+
+    def loss_params(self) -> dict:
+        return {}
+
+    def loss(self, pairs):
+        margins, tokens = self.margins(pairs)
+        loss, delta = PAIRWISE_LOSSES[self.loss_name()](margins, **self.loss_params())
+        stats = {"accuracy": float((margins.detach() > 0).float().mean()), "margin": float(margins.detach().mean()),
+                 "tokens": tokens}
+        if self.loss_name() == "r3m":
+            stats["r3m/outlier_frac"] = float((delta > 0).float().mean())
+        return loss, stats
+
+    def eval_sums(self, pairs):
+        margins, _ = self.margins(pairs)
+        loss, _ = PAIRWISE_LOSSES[self.loss_name()](margins, **self.loss_params())
+        return {"count": len(pairs), "accuracy": float((margins > 0).sum()), "loss": float(loss) * len(pairs)}
+
+    @torch.no_grad()
+    def finish(self, out: Path) -> None:
+        """R^3M: one line per training pair with its outlier variable under the final model."""
+        if self.loss_name() != "r3m":
+            return
+        self.module.eval()
+        mine = self.train_set[self.rank::self.world]
+        rows = []
+        for start in range(0, len(mine), self.eval_batch_size):
+            batch = mine[start:start + self.eval_batch_size]
+            delta = r3m_delta(self.margins(batch)[0], self.loss_params()["lam"])
+            rows += [{"index": p.index, "delta": float(d), "flagged": bool(d > 0)} for p, d in zip(batch, delta)]
+        everyone = [rows]
+        if self.world > 1:
+            everyone = [None] * self.world
+            torch.distributed.all_gather_object(everyone, rows)
+        if self.backend.is_main:
+            rows = sorted((r for part in everyone for r in part), key=lambda r: r["index"])
+            (out / "outliers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            log.info("R^3M flagged %d of %d training pairs (outliers.jsonl)", sum(r["flagged"] for r in rows),
+                     len(rows))

@@ -1,0 +1,145 @@
+"""What every trainer shares: the run loop, metrics, atomic checkpoints, resume and the final model.
+
+A trainer sets `self.cfg`, `self.tokenizer`, `self.model` (the transformers or PEFT model that is
+saved) and `self.backend`, and defines `step(step) -> metrics` and `evaluate() -> metrics`. Hooks:
+`start()` runs after a resume and before the first step (the online loop pushes weights to its
+engine there); `finish(out)` writes method-specific outputs at the end (R^3M's outliers.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from alignment.backend import Backend
+from alignment.config import BaseConfig, ConfigError, save_config
+from alignment.logging import RunLogger, plot_report
+from alignment.models import hf_model, merged_state_dict
+
+log = logging.getLogger("alignment")
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """Newest complete checkpoint; `.tmp` folders are incomplete and ignored."""
+    done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return max(done, key=lambda p: int(p.name[5:]), default=None)
+
+
+class Trainer:
+    config_class = BaseConfig
+    cfg: BaseConfig
+    backend: Backend
+
+    def step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def start(self) -> None:
+        pass
+
+    def finish(self, out: Path) -> None:
+        pass
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.train.max_steps
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        """Written under `step-N.tmp` and renamed when complete: a killed run never leaves a broken one."""
+        root = Path(self.cfg.output_dir) / "checkpoints"
+        tmp, final = root / f"step-{step}.tmp", root / f"step-{step}"
+        if self.backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.backend.barrier()
+        with self.backend.gathered():
+            if self.backend.is_main:
+                self.model.save_pretrained(tmp)
+        self.backend.save_state(tmp)
+        if self.backend.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "trainer": self.cfg.trainer, "world_size": self.backend.world_size,
+                 "backend": self.backend.kind}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.backend.barrier()
+
+    def load_checkpoint(self, folder: Path) -> int:
+        if self.backend.deepspeed is None:
+            from safetensors.torch import load_file
+
+            if self.cfg.peft.type != "none":
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
+            else:
+                state = load_file(folder / "model.safetensors")
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+                tied = set(getattr(self.model, "_tied_weights_keys", None) or {})
+                if unexpected or set(missing) - tied - {"lm_head.weight"}:
+                    raise RuntimeError(f"{folder}: checkpoint does not match the model ({missing or unexpected})")
+        self.backend.load_state(folder)
+        return json.loads((folder / "trainer_state.json").read_text())["step"]
+
+    def save_final(self) -> Path:
+        out = Path(self.cfg.output_dir) / "final"
+        with self.backend.gathered():
+            state = merged_state_dict(self.model)
+            if self.backend.is_main:
+                hf_model(self.model).save_pretrained(out, state_dict=state)
+                self.tokenizer.save_pretrained(out)
+                if self.cfg.peft.type != "none":
+                    self.model.save_pretrained(out / "adapter")
+        self.backend.barrier()
+        return out
+
+    # ---- the run -----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        latest = latest_checkpoint(out / "checkpoints")
+        if latest is not None and not cfg.resume:
+            raise ConfigError(f"{out} already holds checkpoints ({latest.name}): pass resume=true to continue "
+                              f"it, or choose another output_dir")
+        start = 0
+        if self.backend.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        if latest is not None:
+            start = self.load_checkpoint(latest)
+            log.info("resumed from %s", latest)
+        self.start()
+        total = self.max_steps
+        logger = RunLogger(out, self.backend.is_main, start, total)
+        first_eval = {}
+        if start == 0:
+            first_eval = self.evaluate()
+            if first_eval:
+                logger.log(0, first_eval, advance=False)
+            if "eval/accuracy" in first_eval:
+                log.info("held-out accuracy before training: %.3f", first_eval["eval/accuracy"])
+        metrics: dict[str, float] = {}
+        for step in range(start, total):
+            metrics = self.step(step)
+            done = step + 1
+            if done == total or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+                metrics.update(self.evaluate())
+            if done % cfg.train.log_every == 0 or done == total:
+                logger.log(done, metrics)
+            if done == total or (cfg.train.save_every and done % cfg.train.save_every == 0):
+                self.save_checkpoint(done)
+        logger.close()
+        final = self.save_final()
+        self.finish(out)
+        if self.backend.is_main:
+            plot_report(out / "metrics.jsonl", out / "report.png", title=f"{cfg.trainer}: {cfg.output_dir}")
+            if "eval/accuracy" in metrics:
+                before = f"{first_eval['eval/accuracy']:.3f} -> " if "eval/accuracy" in first_eval else ""
+                log.info("held-out accuracy: %s%.3f", before, metrics["eval/accuracy"])
+            log.info("model: %s   report: %s   metrics: %s", final, out / "report.png", out / "metrics.jsonl")
+        return metrics

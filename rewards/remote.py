@@ -1,0 +1,108 @@
+"""Rewards from an `align serve-rm` server: the HTTP client and the trainer-facing `reward.type: remote`.
+
+A failure is raised, never turned into a reward: transient faults (connection errors, timeouts,
+429, 5xx) are retried with exponential backoff, other 4xx are raised at once with the server's
+message, and every reply is checked to hold one finite float per response.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import httpx
+
+from alignment.config import RewardConfig
+from alignment.data import Example
+
+
+class RemoteRewardError(RuntimeError):
+    """The reward server could not give a valid answer."""
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("detail") or body)
+    return str(body)[:500]
+
+
+class RemoteRewardClient:
+    """Blocking client of one reward server; `retries` is the number of tries after the first."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.5):
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def health(self) -> dict:
+        return self._request("GET", "/health")
+
+    def score(self, prompts: list, responses: list) -> list[float]:
+        """One reward per (prompt, response); prompts and responses are text or chat messages."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return []
+        reply = self._request("POST", "/v1/score", {"prompts": prompts, "responses": responses})
+        return self._rewards(reply, len(responses))
+
+    def _rewards(self, reply: dict, count: int) -> list[float]:
+        rewards = reply.get("rewards") if isinstance(reply, dict) else None
+        if not isinstance(rewards, list) or len(rewards) != count:
+            got = f"{len(rewards)} rewards" if isinstance(rewards, list) else f"{str(reply)[:200]!r}"
+            raise RemoteRewardError(f"{self.url}/v1/score: expected {count} rewards, got {got}")
+        for i, r in enumerate(rewards):
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                raise RemoteRewardError(f"{self.url}/v1/score: reward {i} is {r!r}, not a finite number")
+        return [float(r) for r in rewards]
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        attempts = self.retries + 1
+        last_error = ""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.TransportError as e:  # refused or dropped connections, timeouts
+                last_error = f"{type(e).__name__}: {e}"
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                last_error = f"HTTP {response.status_code}: {_server_message(response)}"
+                continue
+            if response.status_code >= 400:  # our request is wrong: asking again cannot help
+                raise RemoteRewardError(f"{self.url}{path}: HTTP {response.status_code}: {_server_message(response)}")
+            try:
+                return response.json()
+            except ValueError:
+                raise RemoteRewardError(f"{self.url}{path}: the reply is not JSON: {response.text[:200]!r}") from None
+        raise RemoteRewardError(f"{self.url}{path}: no valid reply after {attempts} attempts; last error: {last_error}")
+
+
+class RemoteReward:
+    """`reward: {type: remote, url: ...}`: scores a trainer's responses on a reward server, in
+    requests of at most `reward.batch_size` items."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.batch_size = cfg.batch_size
+        self.client = RemoteRewardClient(cfg.url, api_key=os.environ.get(cfg.api_key_env) or None,
+                                         timeout_s=cfg.timeout_s, retries=cfg.retries)
+
+    def __call__(self, examples: list[Example], responses: list[str]) -> list[float]:
+        prompts = [e.prompt for e in examples]
+        rewards: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            rewards += self.client.score(prompts[start:end], responses[start:end])
+        return rewards

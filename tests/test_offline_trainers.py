@@ -1,0 +1,154 @@
+"""Reward model, DPO and SFT trainers end to end on tiny local models (one process and two)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alignment.logging import read_metrics
+from tests.conftest import run_align
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def write_pairs(path: Path, count: int = 24, flip: tuple[int, ...] = ()) -> Path:
+    """An easy preference: kind answers beat rude ones; rows in `flip` carry the reversed label."""
+    rows = []
+    for i in range(count):
+        kind, rude = f"Happy to help, {COLOURS[i % 8]} is lovely.", f"Go away, I hate {COLOURS[i % 8]}."
+        chosen, rejected = (rude, kind) if i in flip else (kind, rude)
+        rows.append({"prompt": f"Tell me about the colour {COLOURS[i % 8]} (question {i}).",
+                     "chosen": chosen, "rejected": rejected})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(folder: Path, model: Path, trainer: str, **sections) -> Path:
+    values = {
+        "trainer": trainer, "output_dir": str(folder / "run"), "model": {"path": str(model)},
+        "data": {"path": str(write_pairs(folder / "pairs.jsonl")), "eval_path": str(write_pairs(folder / "eval.jsonl", 8))},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "bf16": False},
+    }
+    for key, value in sections.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _steps(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
+
+
+def test_reward_model_r3m_learns_and_writes_outliers(tmp_path, tiny_model):
+    path = recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m", "lam": 0.75})
+    proc = run_align("train", str(path), "train.max_steps=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0]
+    steps = _steps(out)
+    for row in steps:
+        assert {"loss", "lr", "grad_norm", "accuracy", "margin", "r3m/outlier_frac", "perf/tokens_per_s"} <= set(row)
+    assert steps[-1]["eval/accuracy"] == 1.0 and steps[-1]["eval/loss"] < rows[0]["eval/loss"]
+    outliers = [json.loads(line) for line in (out / "outliers.jsonl").read_text().splitlines()]
+    assert [o["index"] for o in outliers] == list(range(24))
+    assert all(o["flagged"] == (o["delta"] > 0) for o in outliers)
+    assert not any(o["flagged"] for o in outliers)  # clean labels, a model that fits them
+
+    # The final model scores like the trained one, through the same encoding the server uses.
+    from rewards.reward_model import RewardScorer
+
+    scorer = RewardScorer.from_dir(out / "final")
+    kind, rude = scorer.score(["Tell me about the colour red."] * 2, ["Happy to help, red is lovely.", "Go away, I hate red."])
+    assert kind > rude
+
+
+def test_reward_model_bt_with_lora_trains_the_head_and_saves_a_merged_model(tmp_path, tiny_model):
+    path = recipe(tmp_path, tiny_model, "reward_model", peft={"type": "lora", "r": 4, "alpha": 8})
+    proc = run_align("train", str(path), "train.max_steps=10", "train.lr=5e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    assert _steps(out)[-1]["eval/accuracy"] == 1.0
+    assert not (out / "outliers.jsonl").exists()  # BT has no outlier variable
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_parameters())
+    assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "r3m"])
+def test_dpo_raises_the_chosen_log_ratio(tmp_path, tiny_model, loss):
+    path = recipe(tmp_path, tiny_model, "dpo", dpo={"loss": loss, "beta": 0.5})
+    proc = run_align("train", str(path), "train.max_steps=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    first, steps = read_metrics(out / "metrics.jsonl")[0], _steps(out)
+    # At the start the policy is its reference: every margin is exactly zero.
+    assert first["eval/accuracy"] == 0.0 and first["eval/loss"] == pytest.approx(math_log2(), abs=1e-5)
+    assert steps[-1]["eval/accuracy"] == 1.0 and steps[-1]["eval/loss"] < 0.5
+    assert steps[-1]["margin"] > steps[0]["margin"]
+    assert (out / "outliers.jsonl").exists() == (loss == "r3m")
+
+
+def math_log2() -> float:
+    return float(torch.log(torch.tensor(2.0)))
+
+
+def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, tiny_model):
+    path = recipe(tmp_path, tiny_model, "dpo", dpo={"beta": 0.5}, peft={"type": "lora", "r": 4, "alpha": 8})
+    proc = run_align("train", str(path), "train.max_steps=8", "train.lr=5e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")[0], _steps(tmp_path / "run")
+    assert first["eval/loss"] == pytest.approx(math_log2(), abs=1e-5)  # LoRA B starts at 0: policy = reference
+    assert steps[-1]["eval/accuracy"] == 1.0
+
+
+def test_sft_lowers_held_out_loss(tmp_path, tiny_model):
+    demos = [{"prompt": f"Name colour {i}.", "completion": f"The colour is {COLOURS[i % 8]}."} for i in range(24)]
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    chats = [{"messages": [{"role": "user", "content": f"Name colour {i}."},
+                           {"role": "assistant", "content": f"The colour is {COLOURS[i % 8]}."}]} for i in range(8)]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chats))
+    path = recipe(tmp_path, tiny_model, "sft", data={"path": str(tmp_path / "demos.jsonl"),
+                                                   "eval_path": str(tmp_path / "held.jsonl")})
+    proc = run_align("train", str(path), "train.epochs=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(19))  # epochs=3: 3 * 24 / 4 steps
+    assert rows[-1]["eval/loss"] < 0.7 * rows[0]["eval/loss"]
+
+
+def test_a_malformed_pair_names_the_file_and_row(tmp_path, tiny_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" +
+                   json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    path = recipe(tmp_path, tiny_model, "reward_model", data={"path": str(bad), "eval_path": None})
+    proc = run_align("train", str(path))
+    assert proc.returncode == 2 and f"{bad}: row 2: missing field 'rejected'" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["reward_model", "dpo"])
+def test_two_processes_match_one(tmp_path, tiny_model, trainer):
+    (tmp_path / "one").mkdir()
+    one = recipe(tmp_path / "one", tiny_model, trainer)
+    proc = run_align("train", str(one), "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "two"
+    proc = run_align("train", str(one), f"output_dir={out}", "train.max_steps=3",
+                     launcher=ACCELERATE + ["--config_file", "launch/zero2.yaml", "--num_processes", "2",
+                                            "--main_process_port", "0", "-m"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/2, backend deepspeed-zero2" in proc.stderr
+    want, got = _steps(tmp_path / "one" / "run"), _steps(out)
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "accuracy", "margin"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)

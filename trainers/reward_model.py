@@ -1,0 +1,81 @@
+"""Reward model (`trainer: reward_model`): a one-logit sequence classifier on preference pairs.
+
+    align train configs/rm_hhh.yaml rm.loss=r3m rm.lam=0.75
+
+Margin m = r(x, chosen) - r(x, rejected) (minus `rm.margin_scale * strength` when rows carry a
+strength, TRL's margin convention). `rm.loss: bt` is Bradley-Terry, -log sigmoid(m); `r3m` adds the
+closed-form per-pair outlier variable (rewards/pairwise.py), logs `r3m/outlier_frac` and writes
+outliers.jsonl. Any backbone: an encoder (builtin:all-minilm-l6-v2) or a causal LM with a score
+head; chosen and rejected go through one forward. `final/` loads with
+AutoModelForSequenceClassification and is what `align serve-rm` serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from alignment.config import BaseConfig, ConfigError
+from alignment.models import apply_peft, autocast, load_reward_model
+from alignment.offline import PairwiseTrainer
+from rewards.reward_model import encode_for_reward
+
+
+@dataclass
+class RMOptions:
+    loss: Literal["bt", "r3m"] = "bt"
+    lam: float = 0.75  # R^3M lambda in (0, 1): pairs with margin < log(1/lam - 1) are flagged
+    margin_scale: float = 0.0  # > 0: ask for r_chosen - r_rejected > margin_scale * strength
+    max_length: int = 512
+
+
+@dataclass
+class RewardModelConfig(BaseConfig):
+    rm: RMOptions = field(default_factory=RMOptions)
+
+
+class ScoredPairs(torch.nn.Module):
+    """What the backend wraps: rewards of a batch of encoded texts (fp32 out, bf16 autocast inside)."""
+
+    def __init__(self, model: torch.nn.Module, bf16: bool):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+
+    def forward(self, **encoded) -> torch.Tensor:
+        with autocast(self.bf16):
+            logits = self.model(**encoded).logits
+        return logits[:, 0].float()
+
+
+class RewardModelTrainer(PairwiseTrainer):
+    config_class = RewardModelConfig
+
+    def build_model(self):
+        if self.cfg.rm.loss == "r3m" and not 0 < self.cfg.rm.lam < 1:
+            raise ConfigError(f"rm.lam: R^3M's lambda must lie in (0, 1), got {self.cfg.rm.lam}")
+        model = load_reward_model(self.cfg.model, self.tokenizer)
+        head = [name for name in ("score", "classifier") if hasattr(model, name)]
+        model = apply_peft(model, self.cfg.peft, modules_to_save=head)
+        self.module = ScoredPairs(model, self.cfg.train.bf16)
+        return model
+
+    def loss_name(self) -> str:
+        return self.cfg.rm.loss
+
+    def loss_params(self) -> dict:
+        return {"lam": self.cfg.rm.lam} if self.cfg.rm.loss == "r3m" else {}
+
+    def margins(self, pairs):
+        prompts = [p.prompt for p in pairs]
+        encoded = encode_for_reward(self.tokenizer, prompts + prompts, [p.chosen for p in pairs] +
+                                    [p.rejected for p in pairs], self.cfg.rm.max_length)
+        rewards = self.backend(**{k: v.to(self.backend.device) for k, v in encoded.items()})
+        margins = rewards[: len(pairs)] - rewards[len(pairs):]
+        if self.cfg.rm.margin_scale:
+            strength = torch.tensor([p.strength or 0 for p in pairs], dtype=margins.dtype, device=margins.device)
+            margins = margins - self.cfg.rm.margin_scale * strength
+        return margins, int(encoded["attention_mask"].sum())
+

@@ -1,0 +1,66 @@
+"""Supervised fine-tuning (`trainer: sft`) on demonstrations.
+
+    align train configs/sft_hhh.yaml
+
+Rows are `{"prompt", "completion"}` or `{"messages": [...]}` (the last assistant message is the
+target). The loss is the mean negative log-likelihood of the completion tokens (the prompt is
+context only, TRL's `completion_only_loss`), token-averaged over the batch; the chat template's
+end-of-turn token is part of the target so the model learns to stop. Held-out: `eval/loss`
+(per-token NLL). Later methods start from its `final/` (Self-Rewarding PPO's pi_SFT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignment.config import BaseConfig
+from alignment.data import encode_prompt, encode_response, fit_length, load_demonstrations
+from alignment.models import PolicyModel, apply_peft, load_causal_lm, pack
+from alignment.offline import OfflineTrainer
+from alignment.online import masked_mean
+
+
+@dataclass
+class SFTOptions:
+    max_length: int = 1024
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    sft: SFTOptions = field(default_factory=SFTOptions)
+
+
+class SFTTrainer(OfflineTrainer):
+    config_class = SFTConfig
+    eval_keys = ("loss",)
+
+    def load_data(self):
+        return load_demonstrations(self.cfg.data, self.cfg.seed)
+
+    def build_model(self):
+        lm = apply_peft(load_causal_lm(self.cfg.model), self.cfg.peft)
+        self.module = PolicyModel(lm, self.cfg.train.bf16)
+        return lm
+
+    def _token_nll(self, demos):
+        chat = self.cfg.data.chat_template
+        prompts, responses = [], []
+        for d in demos:
+            prompt_ids = encode_prompt(self.tokenizer, d.prompt, chat)
+            response_ids = encode_response(self.tokenizer, d.prompt, d.completion, chat, prompt_ids)
+            prompt_ids, response_ids = fit_length(prompt_ids, response_ids, self.cfg.sft.max_length)
+            prompts.append(prompt_ids)
+            responses.append(response_ids)
+        batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
+        logp, _ = self.backend(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                               batch["response_mask"].shape[1])
+        return -logp, batch["response_mask"].float(), int(batch["attention_mask"].sum())
+
+    def loss(self, demos):
+        nll, mask, tokens = self._token_nll(demos)
+        return masked_mean(nll, mask), {"tokens": tokens}
+
+    def eval_sums(self, demos):
+        # Token-level: the held-out loss is total NLL over total target tokens, over all ranks.
+        nll, mask, _ = self._token_nll(demos)
+        return {"count": float(mask.sum()), "loss": float((nll * mask).sum())}
