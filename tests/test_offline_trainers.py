@@ -42,6 +42,12 @@ def recipe(folder: Path, model: Path, trainer: str, **sections) -> Path:
     return path
 
 
+def _write_demos(folder: Path) -> dict:
+    demos = [{"prompt": f"Name colour {i}.", "completion": f"The colour is {COLOURS[i % 8]}."} for i in range(24)]
+    (folder / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    return {"path": str(folder / "demos.jsonl"), "eval_path": None}
+
+
 def _steps(out: Path) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
 
@@ -112,8 +118,7 @@ def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, tiny_m
 
 
 def test_sft_lowers_held_out_loss(tmp_path, tiny_model):
-    demos = [{"prompt": f"Name colour {i}.", "completion": f"The colour is {COLOURS[i % 8]}."} for i in range(24)]
-    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    _write_demos(tmp_path)
     chats = [{"messages": [{"role": "user", "content": f"Name colour {i}."},
                            {"role": "assistant", "content": f"The colour is {COLOURS[i % 8]}."}]} for i in range(8)]
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chats))
@@ -136,10 +141,12 @@ def test_a_malformed_pair_names_the_file_and_row(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["reward_model", "dpo"])
-def test_two_processes_match_one(tmp_path, tiny_model, trainer):
+@pytest.mark.parametrize("trainer, keys", [("reward_model", ("loss", "accuracy", "margin")),
+                                           ("dpo", ("loss", "accuracy", "margin")), ("sft", ("loss",))])
+def test_two_processes_match_one(tmp_path, tiny_model, trainer, keys):
     (tmp_path / "one").mkdir()
-    one = recipe(tmp_path / "one", tiny_model, trainer)
+    data = _write_demos(tmp_path) if trainer == "sft" else {}
+    one = recipe(tmp_path / "one", tiny_model, trainer, data=data)
     proc = run_align("train", str(one), "train.max_steps=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "two"
@@ -150,5 +157,22 @@ def test_two_processes_match_one(tmp_path, tiny_model, trainer):
     assert "rank 0/2, backend deepspeed-zero2" in proc.stderr
     want, got = _steps(tmp_path / "one" / "run"), _steps(out)
     for a, b in zip(got, want, strict=True):
-        for key in ("loss", "accuracy", "margin"):
+        for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model):
+    """Stop after step 2 (its checkpoint), resume to 4: the same steps as one uninterrupted run."""
+    path = recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m"})
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_align("train", str(path), f"output_dir={whole}", "train.max_steps=4").returncode == 0
+    assert run_align("train", str(path), f"output_dir={part}", "train.max_steps=2").returncode == 0
+    proc = run_align("train", str(path), f"output_dir={part}", "train.max_steps=4", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = {r["step"]: r for r in _steps(whole)}
+    got = {r["step"]: r for r in _steps(part)}
+    assert sorted(got) == [1, 2, 3, 4]  # metrics.jsonl keeps the steps before the checkpoint
+    for step in (1, 2, 3, 4):
+        for key in ("loss", "margin", "eval/accuracy"):
+            if key in want[step]:
+                assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)

@@ -132,3 +132,32 @@ def test_r3m_beats_bradley_terry_under_irrational_corruption_and_flags_the_flipp
     assert mean["precision"] >= 0.85 and mean["recall"] >= 0.95, results
     # Without corruption R^3M is no worse than BT (it flags almost nothing there).
     assert mean["clean_r3m"] >= mean["clean_bt"] - 0.005, results
+
+
+# ---- the faithful check on real text ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_r3m_reward_model_flags_flipped_hhh_labels(tmp_path):
+    """MiniLM reward model (LoRA, head trained in full) on the 221 HHH pairs with 20% of the labels
+    flipped: R^3M's outlier variable lands on the flipped pairs far more often than on clean ones."""
+    import json
+    import random
+
+    from tests.conftest import REPO, run_align
+
+    rows = json.loads((REPO / "data/hhh/hhh_pairs.json").read_text())
+    flipped = set(random.Random(0).sample(range(len(rows)), len(rows) // 5))
+    for i in flipped:
+        rows[i]["chosen"], rows[i]["rejected"] = rows[i]["rejected"], rows[i]["chosen"]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    proc = run_align("train", str(REPO / "configs/rm_hhh.yaml"), f"output_dir={tmp_path / 'run'}",
+                     f"data.path={tmp_path / 'pairs.json'}", "data.eval_fraction=0", "rm.lam=0.6",
+                     "rm.max_length=128", "train.epochs=5", "train.lr=5e-4", "train.warmup_steps=5",
+                     "peft.type=lora", "peft.r=4", "peft.alpha=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outliers = [json.loads(line) for line in (tmp_path / "run" / "outliers.jsonl").read_text().splitlines()]
+    assert [o["index"] for o in outliers] == list(range(len(rows)))
+    on_flipped = sum(o["flagged"] for o in outliers if o["index"] in flipped) / len(flipped)
+    on_clean = sum(o["flagged"] for o in outliers if o["index"] not in flipped) / (len(rows) - len(flipped))
+    # Measured: 25% of the flipped pairs flagged (11 of 44) against 6.8% of the clean ones (12 of 177).
+    assert on_flipped >= 2.5 * on_clean and on_flipped >= 0.15, (on_flipped, on_clean)
