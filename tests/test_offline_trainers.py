@@ -176,3 +176,27 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
         for key in ("loss", "margin", "eval/accuracy"):
             if key in want[step]:
                 assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_strength_sets_a_margin_and_is_validated(tmp_path, tiny_model):
+    from alignment.config import load_config
+    from alignment.data import DataError
+    from trainers.reward_model import RewardModelConfig, RewardModelTrainer
+
+    rows = [{"prompt": "p", "chosen": "good", "rejected": "bad", "strength": 2},
+            {"prompt": "q", "chosen": "fine", "rejected": "poor", "strength": -1}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    values = {"trainer": "reward_model", "output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_model)},
+              "data": {"path": str(tmp_path / "pairs.jsonl")}, "train": {"bf16": False}}
+    plain = RewardModelTrainer(load_config(RewardModelConfig, values))
+    scaled = RewardModelTrainer(load_config(RewardModelConfig, {**values, "rm": {"margin_scale": 0.5}}))
+    scaled.model.load_state_dict(plain.model.state_dict())
+    with torch.no_grad():
+        base, _ = plain.margins(plain.train_set)
+        shifted, _ = scaled.margins(scaled.train_set)
+    assert torch.allclose(base - shifted, torch.tensor([1.0, -0.5]), atol=1e-5)  # TRL's margin convention
+
+    rows[1]["strength"] = "high"
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="pairs.jsonl: row 2: field 'strength' must be a signed int"):
+        RewardModelTrainer(load_config(RewardModelConfig, values))
