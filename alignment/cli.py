@@ -38,6 +38,12 @@ def cmd_bench(args) -> int:
     if not path.is_file():
         names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
         raise ConfigError(f"unknown benchmark {args.name!r} (available: {', '.join(names)})")
+    # Every benchmark runs offline on embedded models, and imports `benchmarks._common` from the repo.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if str(BENCH_DIR.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR.parent))
     spec = importlib.util.spec_from_file_location(f"benchmarks.{args.name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

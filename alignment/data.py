@@ -243,6 +243,19 @@ def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int) 
     return prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):], response_ids
 
 
+def encode_conversations(tokenizer, prompts: list, responses: list, chat_template: bool,
+                         max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and response token ids for teacher forcing (SFT, DPO), each pair cut to max_length."""
+    prompt_ids, response_ids = [], []
+    for prompt, response in zip(prompts, responses):
+        p_ids = encode_prompt(tokenizer, prompt, chat_template)
+        p_ids, r_ids = fit_length(p_ids, encode_response(tokenizer, prompt, response, chat_template, p_ids),
+                                  max_length)
+        prompt_ids.append(p_ids)
+        response_ids.append(r_ids)
+    return prompt_ids, response_ids
+
+
 def step_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
     """Prompt indices of a rollout step: a fresh permutation each epoch, a function of (seed, step).
 

@@ -114,8 +114,12 @@ class PairwiseTrainer(OfflineTrainer):
     """
 
     eval_keys = ("accuracy", "loss")
+    section = ""  # the method's config section, with `loss` and `lam` (R^3M's lambda)
 
     def load_data(self):
+        opts = getattr(self.cfg, self.section)
+        if opts.loss == "r3m" and not 0 < opts.lam < 1:
+            raise ConfigError(f"{self.section}.lam: R^3M's lambda must lie in (0, 1), got {opts.lam}")
         return load_pairs(self.cfg.data, self.cfg.seed)
 
     def margins(self, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
@@ -123,10 +127,10 @@ class PairwiseTrainer(OfflineTrainer):
         raise NotImplementedError
 
     def loss_name(self) -> str:
-        raise NotImplementedError
+        return getattr(self.cfg, self.section).loss
 
     def loss_params(self) -> dict:
-        return {}
+        return {"lam": getattr(self.cfg, self.section).lam} if self.loss_name() == "r3m" else {}
 
     def loss(self, pairs):
         margins, tokens = self.margins(pairs)

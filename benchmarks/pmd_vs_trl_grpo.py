@@ -30,26 +30,20 @@ completion positions.
 
 from __future__ import annotations
 
-import os
+import gc
+import logging
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-import gc  # noqa: E402
-import importlib.util  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import _common as C
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = C.ROOT
 NAME = "pmd_vs_trl_grpo"
 CONFIG = ROOT / "configs" / "pmd_chain_sum.yaml"
 THREADS = 2
@@ -57,14 +51,6 @@ DOC_PEAK_BF16, DOC_PEAK_FP32 = 2.0, 0.32  # TFLOP/s, environment.md
 TARGET_VS_FP32, TARGET_VS_BF16 = 3.0, 1.5
 
 
-def _common():
-    spec = importlib.util.spec_from_file_location("benchmarks._common", Path(__file__).with_name("_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-C = _common()
 
 
 # ---- workload -----------------------------------------------------------------------------------

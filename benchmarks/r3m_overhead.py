@@ -14,18 +14,14 @@ its step times after 2 warm-up steps.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import _common as C
 
-from benchmarks import _common as C  # noqa: E402
+ROOT = C.ROOT
 
 NAME = "r3m_overhead"
 THREADS = 2

@@ -17,24 +17,15 @@ On a GPU host the same script measures the GPU (the engines pick CUDA themselves
 
 from __future__ import annotations
 
-import os
+import copy
+import statistics
+import time
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
+import torch
 
-import copy  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import _common as C
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import _common as C  # noqa: E402
+ROOT = C.ROOT
 
 NAME = "rollout"
 THREADS = 2

@@ -18,24 +18,18 @@ threads that lose their core to them spin-wait on each other and slow every batc
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
+from benchmarks import _common as C
 
-import asyncio  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import _common as C  # noqa: E402
+ROOT = C.ROOT
 
 NAME = "serve_rm"
 CLIENTS = 16

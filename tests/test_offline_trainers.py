@@ -200,3 +200,10 @@ def test_strength_sets_a_margin_and_is_validated(tmp_path, tiny_model):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="pairs.jsonl: row 2: field 'strength' must be a signed int"):
         RewardModelTrainer(load_config(RewardModelConfig, values))
+
+
+@pytest.mark.parametrize("trainer, section", [("reward_model", "rm"), ("dpo", "dpo")])
+def test_r3m_lambda_outside_the_unit_interval_names_the_key(tmp_path, tiny_model, trainer, section):
+    path = recipe(tmp_path, tiny_model, trainer, **{section: {"loss": "r3m", "lam": 1.5}})
+    proc = run_align("train", str(path))
+    assert proc.returncode == 2 and f"{section}.lam: R^3M's lambda must lie in (0, 1), got 1.5" in proc.stderr

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from alignment.config import BaseConfig, ConfigError
-from alignment.data import encode_prompt, encode_response, fit_length
+from alignment.data import encode_conversations
 from alignment.models import PolicyModel, apply_peft, load_causal_lm, pack, token_logprobs
 from alignment.offline import PairwiseTrainer
 
@@ -43,14 +43,12 @@ class DPOConfig(BaseConfig):
 
 class DPOTrainer(PairwiseTrainer):
     config_class = DPOConfig
+    section = "dpo"
     dropout = False
 
     def build_model(self):
-        opts = self.cfg.dpo
-        if opts.loss == "r3m" and not 0 < opts.lam < 1:
-            raise ConfigError(f"dpo.lam: R^3M's lambda must lie in (0, 1), got {opts.lam}")
-        if opts.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be positive, got {opts.beta}")
+        if self.cfg.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta: must be positive, got {self.cfg.dpo.beta}")
         lm = load_causal_lm(self.cfg.model)
         self.reference = None
         if self.cfg.peft.type == "none":
@@ -58,12 +56,6 @@ class DPOTrainer(PairwiseTrainer):
         lm = apply_peft(lm, self.cfg.peft)
         self.module = PolicyModel(lm, self.cfg.train.bf16)
         return lm
-
-    def loss_name(self) -> str:
-        return self.cfg.dpo.loss
-
-    def loss_params(self) -> dict:
-        return {"lam": self.cfg.dpo.lam} if self.cfg.dpo.loss == "r3m" else {}
 
     def _reference_logprobs(self, batch: dict, r_len: int) -> torch.Tensor:
         if self.reference is not None:
@@ -77,15 +69,10 @@ class DPOTrainer(PairwiseTrainer):
         return lp
 
     def margins(self, pairs):
-        opts, chat = self.cfg.dpo, self.cfg.data.chat_template
-        prompts, responses = [], []
-        for side in ("chosen", "rejected"):
-            for p in pairs:
-                prompt_ids = encode_prompt(self.tokenizer, p.prompt, chat)
-                response_ids = encode_response(self.tokenizer, p.prompt, getattr(p, side), chat, prompt_ids)
-                prompt_ids, response_ids = fit_length(prompt_ids, response_ids, opts.max_length)
-                prompts.append(prompt_ids)
-                responses.append(response_ids)
+        opts = self.cfg.dpo
+        prompts, responses = encode_conversations(
+            self.tokenizer, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+            self.cfg.data.chat_template, opts.max_length)
         batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
         r_len = batch["response_mask"].shape[1]
         mask = batch["response_mask"].float()

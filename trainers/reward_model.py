@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig
 from alignment.models import apply_peft, autocast, load_reward_model
 from alignment.offline import PairwiseTrainer
 from rewards.reward_model import encode_for_reward
@@ -52,21 +52,14 @@ class ScoredPairs(torch.nn.Module):
 
 class RewardModelTrainer(PairwiseTrainer):
     config_class = RewardModelConfig
+    section = "rm"
 
     def build_model(self):
-        if self.cfg.rm.loss == "r3m" and not 0 < self.cfg.rm.lam < 1:
-            raise ConfigError(f"rm.lam: R^3M's lambda must lie in (0, 1), got {self.cfg.rm.lam}")
         model = load_reward_model(self.cfg.model, self.tokenizer)
         head = [name for name in ("score", "classifier") if hasattr(model, name)]
         model = apply_peft(model, self.cfg.peft, modules_to_save=head)
         self.module = ScoredPairs(model, self.cfg.train.bf16)
         return model
-
-    def loss_name(self) -> str:
-        return self.cfg.rm.loss
-
-    def loss_params(self) -> dict:
-        return {"lam": self.cfg.rm.lam} if self.cfg.rm.loss == "r3m" else {}
 
     def margins(self, pairs):
         prompts = [p.prompt for p in pairs]

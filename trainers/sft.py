@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignment.config import BaseConfig
-from alignment.data import encode_prompt, encode_response, fit_length, load_demonstrations
+from alignment.data import encode_conversations, load_demonstrations
 from alignment.models import PolicyModel, apply_peft, load_causal_lm, pack
 from alignment.offline import OfflineTrainer
 from alignment.online import masked_mean
@@ -43,14 +43,9 @@ class SFTTrainer(OfflineTrainer):
         return lm
 
     def _token_nll(self, demos):
-        chat = self.cfg.data.chat_template
-        prompts, responses = [], []
-        for d in demos:
-            prompt_ids = encode_prompt(self.tokenizer, d.prompt, chat)
-            response_ids = encode_response(self.tokenizer, d.prompt, d.completion, chat, prompt_ids)
-            prompt_ids, response_ids = fit_length(prompt_ids, response_ids, self.cfg.sft.max_length)
-            prompts.append(prompt_ids)
-            responses.append(response_ids)
+        prompts, responses = encode_conversations(self.tokenizer, [d.prompt for d in demos],
+                                                  [d.completion for d in demos], self.cfg.data.chat_template,
+                                                  self.cfg.sft.max_length)
         batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
         logp, _ = self.backend(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                batch["response_mask"].shape[1])
