@@ -209,30 +209,32 @@ def as_messages(prompt: str | list[dict], response: str | list[dict] | None = No
     return messages
 
 
+def message_text(content: str | list[dict]) -> str:
+    """Plain text of a prompt or response given as text or chat messages (for tokenizers without a
+    chat template)."""
+    return content if isinstance(content, str) else "\n".join(m["content"] for m in content)
+
+
+def _template_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding or a plain list
+
+
 def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: bool) -> list[int]:
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = prompt
     if chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+        return _template_ids(tokenizer, as_messages(prompt), add_generation_prompt=True)
+    return tokenizer(message_text(prompt), add_special_tokens=True)["input_ids"]
 
 
-def encode_response(tokenizer, prompt: str | list[dict], response: str | list[dict], chat_template: bool,
-                    prompt_ids: list[int] | None = None) -> list[int]:
-    """Token ids of a response after its prompt: the template's assistant turn (end-of-turn token
-    included) when the tokenizer has a chat template, else the text followed by EOS."""
+def encode_response(tokenizer, prompt: str | list[dict], prompt_ids: list[int], response: str | list[dict],
+                    chat_template: bool) -> list[int]:
+    """Token ids of a response after its encoded prompt: the template's assistant turn (end-of-turn
+    token included) when the tokenizer has a chat template, else the text followed by EOS."""
     if chat_template and tokenizer.chat_template:
-        prompt_ids = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt, chat_template)
-        full = tokenizer.apply_chat_template(as_messages(prompt, response), tokenize=True)
-        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        full = _template_ids(tokenizer, as_messages(prompt, response))
         if full[: len(prompt_ids)] == prompt_ids:
             return full[len(prompt_ids):]
-    text = response if isinstance(response, str) else "\n".join(m["content"] for m in response)
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(message_text(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -249,7 +251,7 @@ def encode_conversations(tokenizer, prompts: list, responses: list, chat_templat
     prompt_ids, response_ids = [], []
     for prompt, response in zip(prompts, responses):
         p_ids = encode_prompt(tokenizer, prompt, chat_template)
-        p_ids, r_ids = fit_length(p_ids, encode_response(tokenizer, prompt, response, chat_template, p_ids),
+        p_ids, r_ids = fit_length(p_ids, encode_response(tokenizer, prompt, p_ids, response, chat_template),
                                   max_length)
         prompt_ids.append(p_ids)
         response_ids.append(r_ids)

@@ -35,6 +35,7 @@ class OfflineTrainer(Trainer):
 
     def __init__(self, cfg: BaseConfig):
         self.cfg = cfg
+        self.check_config()
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = self.load_data()
@@ -116,10 +117,13 @@ class PairwiseTrainer(OfflineTrainer):
     eval_keys = ("accuracy", "loss")
     section = ""  # the method's config section, with `loss` and `lam` (R^3M's lambda)
 
-    def load_data(self):
+    def check_config(self) -> None:
+        super().check_config()
         opts = getattr(self.cfg, self.section)
         if opts.loss == "r3m" and not 0 < opts.lam < 1:
             raise ConfigError(f"{self.section}.lam: R^3M's lambda must lie in (0, 1), got {opts.lam}")
+
+    def load_data(self):
         return load_pairs(self.cfg.data, self.cfg.seed)
 
     def margins(self, pairs: list[Pair]) -> tuple[torch.Tensor, int]:

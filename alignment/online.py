@@ -102,6 +102,7 @@ class OnlineTrainer(Trainer):
     policy_loss: str = ""
 
     def check_config(self) -> None:
+        super().check_config()
         t = self.cfg.train
         if t.batch_size < 1 or t.mini_batches < 1 or t.batch_size % t.mini_batches:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a positive multiple of "

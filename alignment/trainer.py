@@ -3,7 +3,8 @@
 A trainer sets `self.cfg`, `self.tokenizer`, `self.model` (the transformers or PEFT model that is
 saved) and `self.backend`, and defines `step(step) -> metrics` and `evaluate() -> metrics`. Hooks:
 `start()` runs after a resume and before the first step (the online loop pushes weights to its
-engine there); `finish(out)` writes method-specific outputs at the end (R^3M's outliers.jsonl).
+engine there); `finish(out)` writes method-specific outputs at the end (R^3M's outliers.jsonl); `check_config()`
+rejects unusable values before anything is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         return {}
+
+    def check_config(self) -> None:
+        pass
 
     def start(self) -> None:
         pass

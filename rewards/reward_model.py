@@ -14,12 +14,8 @@ from pathlib import Path
 
 import torch
 
-from alignment.data import as_messages
+from alignment.data import as_messages, message_text
 from alignment.models import autocast
-
-
-def _text(content: str | list[dict]) -> str:
-    return content if isinstance(content, str) else "\n".join(m["content"] for m in content)
 
 
 def encode_for_reward(tokenizer, prompts: list, responses: list, max_length: int = 512) -> dict[str, torch.Tensor]:
@@ -28,7 +24,7 @@ def encode_for_reward(tokenizer, prompts: list, responses: list, max_length: int
         texts = [tokenizer.apply_chat_template(as_messages(p, r), tokenize=False) for p, r in zip(prompts, responses)]
         return tokenizer(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
                          return_tensors="pt")
-    return tokenizer([_text(p) for p in prompts], [_text(r) for r in responses], padding=True,
+    return tokenizer([message_text(p) for p in prompts], [message_text(r) for r in responses], padding=True,
                      truncation="longest_first", max_length=max_length, return_tensors="pt")
 
 
@@ -39,17 +35,30 @@ def encode_texts(tokenizer, texts: list[str], max_length: int = 512) -> dict[str
                      max_length=max_length, return_tensors="pt")
 
 
+class RewardForward(torch.nn.Module):
+    """Rewards (fp32) of encoded texts under bf16 autocast: what training wraps and scoring runs."""
+
+    def __init__(self, model: torch.nn.Module, bf16: bool):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+
+    def forward(self, **encoded) -> torch.Tensor:
+        with autocast(self.bf16):
+            logits = self.model(**encoded).logits
+        return logits[:, 0].float()
+
+
 class RewardScorer:
     """A trained reward model in memory; `score` is what `align serve-rm` answers with."""
 
     def __init__(self, model, tokenizer, name: str = "", batch_size: int = 32, max_length: int = 512,
                  bf16: bool = False):
-        self.model = model.eval()
+        self.rewards = RewardForward(model.eval(), bf16)
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.max_length = max_length
-        self.bf16 = bf16
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> RewardScorer:
@@ -67,13 +76,11 @@ class RewardScorer:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return next(self.rewards.parameters()).device
 
     @torch.no_grad()
     def _run(self, batch: dict[str, torch.Tensor]) -> list[float]:
-        with autocast(self.bf16):
-            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
-        return logits[:, 0].float().cpu().tolist()
+        return self.rewards(**{k: v.to(self.device) for k, v in batch.items()}).cpu().tolist()
 
     def score(self, prompts: list, responses: list) -> list[float]:
         if len(prompts) != len(responses):

@@ -46,9 +46,12 @@ class DPOTrainer(PairwiseTrainer):
     section = "dpo"
     dropout = False
 
-    def build_model(self):
+    def check_config(self) -> None:
+        super().check_config()
         if self.cfg.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta: must be positive, got {self.cfg.dpo.beta}")
+
+    def build_model(self):
         lm = load_causal_lm(self.cfg.model)
         self.reference = None
         if self.cfg.peft.type == "none":

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 
 from alignment.config import BaseConfig
-from alignment.models import apply_peft, autocast, load_reward_model
+from alignment.models import apply_peft, load_reward_model
 from alignment.offline import PairwiseTrainer
-from rewards.reward_model import encode_for_reward
+from rewards.reward_model import RewardForward, encode_for_reward
 
 
 @dataclass
@@ -36,20 +36,6 @@ class RewardModelConfig(BaseConfig):
     rm: RMOptions = field(default_factory=RMOptions)
 
 
-class ScoredPairs(torch.nn.Module):
-    """What the backend wraps: rewards of a batch of encoded texts (fp32 out, bf16 autocast inside)."""
-
-    def __init__(self, model: torch.nn.Module, bf16: bool):
-        super().__init__()
-        self.model = model
-        self.bf16 = bf16
-
-    def forward(self, **encoded) -> torch.Tensor:
-        with autocast(self.bf16):
-            logits = self.model(**encoded).logits
-        return logits[:, 0].float()
-
-
 class RewardModelTrainer(PairwiseTrainer):
     config_class = RewardModelConfig
     section = "rm"
@@ -58,7 +44,7 @@ class RewardModelTrainer(PairwiseTrainer):
         model = load_reward_model(self.cfg.model, self.tokenizer)
         head = [name for name in ("score", "classifier") if hasattr(model, name)]
         model = apply_peft(model, self.cfg.peft, modules_to_save=head)
-        self.module = ScoredPairs(model, self.cfg.train.bf16)
+        self.module = RewardForward(model, self.cfg.train.bf16)
         return model
 
     def margins(self, pairs):

@@ -41,6 +41,9 @@ class _QuietRotaryReload(logging.Filter):
         return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
 
 
+_QUIET_ROTARY_RELOAD = _QuietRotaryReload()  # one instance: addFilter skips it when already added
+
+
 @contextlib.contextmanager
 def _engine_start(cfg: VLLMConfig):
     """Set what vLLM reads from the environment, and undo what its start-up changes process-wide.
@@ -112,7 +115,7 @@ class VLLMEngine(RolloutEngine):
                 # Seeds only unseeded requests; ranks of one tensor-parallel group must agree on it.
                 seed=seed + dist.get_rank() // tp if dist.is_initialized() else seed,
             )
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QUIET_ROTARY_RELOAD)
         self.tp_group = None
         if tp > 1:  # every rank takes part in creating every subgroup
             self.tp_group, _ = dist.new_subgroups_by_enumeration(
