@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from alignment.compression.adalora import AdaLoRABudget, find_adalora
 from alignment.config import ConfigError, TrainConfig
 
 
@@ -66,10 +67,11 @@ def _fill_deepspeed_config(path: str, train: TrainConfig, micro_batch: int, worl
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {path}") from None
     if "optimizer" in config or "scheduler" in config:
         raise ConfigError(f"{path}: leave out 'optimizer' and 'scheduler'; the trainer builds them from train.*")
-    # One optimizer step per mini-batch: gradient accumulation happens in the trainer's batch, not here.
+    # One optimizer step per (mini-)batch of `micro_batch * accumulation` rows per rank.
+    accumulation = train.gradient_accumulation_steps
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = 1
-    config["train_batch_size"] = micro_batch * world
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro_batch * accumulation * world
     config["gradient_clipping"] = train.max_grad_norm
     config.setdefault("zero_allow_untested_optimizer", True)
     config.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -77,7 +79,13 @@ def _fill_deepspeed_config(path: str, train: TrainConfig, micro_batch: int, worl
 
 
 class Backend:
-    """Holds the wrapped model, optimizer and scheduler; backward / step / save / load."""
+    """Holds the wrapped model, optimizer and scheduler; backward / step / save / load.
+
+    A step is `train.gradient_accumulation_steps` calls of `backward(loss)`, each on a micro-batch
+    with its mean loss, then one `step()`: the gradient is the average over the micro-batches. An
+    AdaLoRA model's budget is driven at every `step()` and its orthogonality penalty is added to
+    every loss (alignment/compression/adalora.py).
+    """
 
     def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int):
         ds_path = deepspeed_config_path(train)
@@ -93,17 +101,28 @@ class Backend:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.deepspeed = None
         self.engine = module
+        self.accumulation = train.gradient_accumulation_steps
+        if self.accumulation < 1:
+            raise ConfigError(f"train.gradient_accumulation_steps: must be at least 1, got {self.accumulation}")
+        self.micro_steps = 0
+        adalora = find_adalora(module)
         if ds_path is not None:
             import deepspeed
 
-            config = _fill_deepspeed_config(ds_path, train, micro_batch, self.world_size)
+            config = _fill_deepspeed_config(ds_path, train, max(1, micro_batch // self.accumulation),
+                                            self.world_size)
             self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+            if adalora is not None and self.zero_stage == 3:
+                raise ConfigError("peft.type=adalora does not run under ZeRO-3 (partitioned adapters cannot be "
+                                  "scored and masked per matrix): use a ZeRO-1/2 config (launch/zero2.yaml) or "
+                                  "peft.type=lora")
             self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config
             )
             self.engine = self.deepspeed
         elif self.world_size > 1:
             self.engine = torch.nn.parallel.DistributedDataParallel(module)
+        self.adalora = AdaLoRABudget(adalora, self.deepspeed is not None) if adalora is not None else None
 
     @property
     def kind(self) -> str:
@@ -115,22 +134,40 @@ class Backend:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss (scaled by 1 / accumulation steps)."""
+        if self.adalora is not None:
+            loss = loss + self.adalora.orth_regularizer()
+        self.micro_steps += 1
         if self.deepspeed is not None:
-            self.deepspeed.backward(loss)
+            self.deepspeed.backward(loss)  # DeepSpeed scales by its gradient_accumulation_steps
+            if self.micro_steps % self.accumulation:
+                self.deepspeed.step()  # not a boundary: DeepSpeed only counts the micro-step
         else:
-            loss.backward()
+            (loss / self.accumulation).backward()
 
     def step(self) -> float:
-        """Optimizer step; returns the gradient norm before clipping."""
+        """Optimizer step after `accumulation` backward calls; returns the gradient norm before clipping."""
+        if self.micro_steps % self.accumulation:
+            raise RuntimeError(f"optimizer step after {self.micro_steps % self.accumulation} of "
+                               f"{self.accumulation} micro-batches")
         if self.deepspeed is not None:
+            if self.adalora is not None:
+                self.adalora.before_step()
             self.deepspeed.step()
+            if self.adalora is not None:
+                self.adalora.after_step()
             norm = self.deepspeed.get_global_grad_norm()
             return float(norm) if norm is not None else 0.0
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.adalora is not None:
+            self.adalora.after_step()  # peft's order: after the update, before the gradients go
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def stats(self) -> dict[str, float]:
+        return self.adalora.metrics() if self.adalora is not None else {}
 
     @property
     def lr(self) -> float:
@@ -169,7 +206,10 @@ class Backend:
             dist.barrier()
 
     def save_state(self, folder: Path) -> None:
-        """Optimizer / scheduler state (and the DeepSpeed engine's own checkpoint); all ranks call."""
+        """Optimizer / scheduler state (and the DeepSpeed engine's own checkpoint, and AdaLoRA's
+        scores with the full-rank adapters); all ranks call."""
+        if self.adalora is not None and self.is_main:
+            torch.save(self.adalora.state_dict(), folder / "adalora.pt")
         if self.deepspeed is not None:
             self.deepspeed.save_checkpoint(str(folder / "deepspeed"), tag="state")
         elif self.is_main:
@@ -177,6 +217,9 @@ class Backend:
                        folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
+        if self.adalora is not None:
+            self.adalora.load_state_dict(torch.load(folder / "adalora.pt", map_location=self.device,
+                                                    weights_only=False))
         if self.deepspeed is not None:
             self.deepspeed.load_checkpoint(str(folder / "deepspeed"), tag="state")
             return

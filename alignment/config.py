@@ -87,16 +87,31 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     eval_every: int = 0  # held-out greedy evaluation every N steps (0: only before and after)
     log_every: int = 1
+    # micro-batches per optimizer step: each (mini-)batch is split into this many forward/backward
+    # passes whose gradients are averaged (memory, not math: the step sees the same rows)
+    gradient_accumulation_steps: int = 1
     deepspeed: str | None = None  # DeepSpeed JSON; also taken from `accelerate launch` configs
 
 
 @dataclass
 class PeftConfig:
-    type: Literal["none", "lora"] = "none"
-    r: int = 8
+    type: Literal["none", "lora", "adalora"] = "none"
+    r: int = 8  # lora: rank of every adapter
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
+    # adalora (peft's names and defaults): every matrix starts at rank init_r; from optimizer step
+    # tinit to total - tfinal a global budget shrinks on a cubic schedule to target_r per matrix,
+    # re-allocated every deltaT steps by importance (EMA factors beta1, beta2); the total number of
+    # optimizer steps is computed by the trainer. orth_reg_weight scales the orthogonality penalty.
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
 
 
 @dataclass

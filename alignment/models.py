@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -108,17 +110,29 @@ def load_reward_model(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return model
 
 
-def apply_peft(model: PreTrainedModel, cfg: PeftConfig, modules_to_save: list[str] | None = None):
-    """LoRA adapters; `modules_to_save` are trained in full (a reward model's fresh score head)."""
+def apply_peft(model: PreTrainedModel, cfg: PeftConfig, total_steps: int, modules_to_save: list[str] | None = None):
+    """LoRA or AdaLoRA adapters; `modules_to_save` are trained in full (a reward model's fresh score
+    head). `total_steps` is the number of optimizer steps the run will take: AdaLoRA's budget
+    schedule is defined over it."""
     if cfg.type == "none":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, bias="none",
-        modules_to_save=modules_to_save or None,
-    )
-    return get_peft_model(model, lora)
+    common = dict(lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                  modules_to_save=modules_to_save or None)
+    if cfg.type == "lora":
+        return get_peft_model(model, LoraConfig(r=cfg.r, bias="none", **common))
+    if not 0 < cfg.target_r <= cfg.init_r:
+        raise ConfigError(f"peft.target_r ({cfg.target_r}) must lie in [1, peft.init_r = {cfg.init_r}]")
+    if cfg.deltaT < 1:
+        raise ConfigError(f"peft.deltaT: must be at least 1, got {cfg.deltaT}")
+    if not 0 <= cfg.tinit < total_steps - cfg.tfinal:
+        raise ConfigError(f"peft.tinit ({cfg.tinit}) and peft.tfinal ({cfg.tfinal}) leave no budget-reduction "
+                          f"phase in this run's {total_steps} optimizer steps: need tinit < {total_steps} - tfinal")
+    adalora = AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal,
+                            deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
+                            total_step=total_steps, **common)
+    return get_peft_model(model, adalora)
 
 
 def hf_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -136,7 +150,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     base = hf_model(model)
     state = {}
     for name, tensor in base.state_dict().items():
-        if "lora_" in name or ".original_module." in name:
+        if "lora_" in name or ".ranknum." in name or ".original_module." in name:
             continue  # LoRA factors are merged below; a fully trained module's copy replaces its original
         for adapter in getattr(model, "peft_config", {}):
             name = name.replace(f".modules_to_save.{adapter}.", ".")
@@ -213,6 +227,28 @@ def token_logprobs(
             probs = torch.softmax(logits.detach(), -1)
             entropy = log_norm.detach() - (probs * logits.detach()).sum(-1)
     return logprobs, entropy
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A reference model: an eval-mode copy that is never trained."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logprobs(reference: torch.nn.Module | None, policy: torch.nn.Module, inputs: dict, response_len: int,
+                       bf16: bool) -> torch.Tensor:
+    """Response log-probs under a frozen reference: its own copy, or with `reference=None` the
+    policy with its PEFT adapters switched off (the initial model, without a second copy)."""
+    if reference is None:
+        context = policy.disable_adapter()
+        model = policy
+    else:
+        context = contextlib.nullcontext()
+        model = reference.to(inputs["input_ids"].device)
+    with context:
+        logp, _ = token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                 response_len, bf16)
+    return logp
 
 
 class PolicyModel(torch.nn.Module):

@@ -43,8 +43,9 @@ class OfflineTrainer(Trainer):
         self.backend = Backend(self.module, cfg.train, cfg.train.batch_size)
         self.rank, self.world = self.backend.rank, self.backend.world_size
         setup_console(self.backend.is_main)
-        if cfg.train.batch_size % self.world:
-            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide evenly over {self.world} processes")
+        if cfg.train.batch_size % (self.world * self.backend.accumulation):
+            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide evenly over {self.world} "
+                              f"processes x {self.backend.accumulation} gradient accumulation steps")
         log.info("rank %d/%d, backend %s, %d training rows, %d held out, %d steps", self.rank, self.world,
                  self.backend.kind, len(self.train_set), len(self.eval_set), self.max_steps)
 
@@ -78,12 +79,18 @@ class OfflineTrainer(Trainer):
     def step(self, step: int) -> dict[str, float]:
         t_start = time.perf_counter()
         self.module.train(self.dropout)
-        loss, stats = self.loss(self.rows_of(step))
-        self.backend.backward(loss)
+        rows = self.rows_of(step)
+        micro = len(rows) // self.backend.accumulation
+        stats: dict[str, list[float]] = {}
+        for start in range(0, len(rows), micro):
+            loss, micro_stats = self.loss(rows[start:start + micro])
+            self.backend.backward(loss)
+            for key, value in {"loss": float(loss.detach()), **micro_stats}.items():
+                stats.setdefault(key, []).append(float(value))
         grad_norm = self.backend.step()
         elapsed = time.perf_counter() - t_start
-        metrics = {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": self.backend.lr,
-                   "time/train_s": elapsed, **stats}
+        metrics = {key: sum(v) if key == "tokens" else sum(v) / len(v) for key, v in stats.items()}
+        metrics.update({"grad_norm": grad_norm, "lr": self.backend.lr, "time/train_s": elapsed})
         if "tokens" in stats:
             metrics["perf/tokens_per_s"] = metrics.pop("tokens") * self.world / elapsed
         return self.backend.mean(metrics)

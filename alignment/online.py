@@ -16,18 +16,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError
-from alignment.data import encode_prompt, load_prompts, step_indices
+from alignment.data import Example, encode_prompt, load_prompts, step_indices
 from alignment.logging import setup_console
 from alignment.models import (
     PolicyModel, apply_peft, load_causal_lm, load_tokenizer, merged_state_dict, pack, token_logprobs,
 )
-from alignment.rollout import Canary, SamplingParams, make_engine
+from alignment.rollout import Canary, Rollouts, SamplingParams, make_engine
 from alignment.trainer import Trainer
 from rewards import build_reward
 from rewards.verifiable import is_correct
@@ -64,6 +65,24 @@ def kl_k3(old_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - 1 - log_ratio
 
 
+@dataclass
+class RolloutBatch:
+    """One step's rollouts on this rank: one row per sample, packed [prompt | response]."""
+
+    samples: list[Example]  # the prompt example of each sample
+    rollouts: Rollouts
+    texts: list[str]
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids
+    mask: torch.Tensor  # (B, R) response tokens
+    rewards: torch.Tensor | None = None  # (B,)
+    old_logp: torch.Tensor | None = None  # (B, R) the generating policy, training precision
+    token_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, R) under frozen models, by name
+    stats: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. by the reward)
+
+    def rows(self, rows: slice) -> dict[str, torch.Tensor]:
+        return {key: value[rows] for key, value in self.inputs.items()}
+
+
 class OnlineTrainer(Trainer):
 
     def __init__(self, cfg: BaseConfig):
@@ -73,21 +92,23 @@ class OnlineTrainer(Trainer):
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
         self.reward_fn = build_reward(cfg.reward)
-        lm = load_causal_lm(cfg.model)
+        lm = self.load_policy()
         engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
-        lm = apply_peft(lm, cfg.peft)
+        lm = apply_peft(lm, cfg.peft, self.total_updates)
         lm.eval()  # no dropout: training and rollout log-probs must describe the same policy
         self.model = lm
         self.policy = PolicyModel(lm, cfg.train.bf16)
-        global_mini_batch = cfg.train.batch_size // cfg.train.mini_batches * cfg.rollout.n
-        self.backend = Backend(self.policy, cfg.train, global_mini_batch)
+        self.mini_batch_rows = cfg.train.batch_size // cfg.train.mini_batches * cfg.rollout.n  # global
+        self.backend = Backend(self.policy, cfg.train, self.mini_batch_rows)
         self.rank, self.world = self.backend.rank, self.backend.world_size
         setup_console(self.backend.is_main)
-        if (cfg.train.batch_size // cfg.train.mini_batches) % self.world:
+        per_mini = cfg.train.batch_size // cfg.train.mini_batches
+        if per_mini % self.world or (per_mini // self.world * cfg.rollout.n) % self.backend.accumulation:
             raise ConfigError(
-                f"train.batch_size / train.mini_batches = {cfg.train.batch_size // cfg.train.mini_batches} prompts "
-                f"per mini-batch must divide evenly over {self.world} processes"
-            )
+                f"train.batch_size / train.mini_batches = {per_mini} prompts per mini-batch must divide evenly over "
+                f"{self.world} processes, and each process's {per_mini // self.world} x rollout.n = "
+                f"{per_mini // self.world * cfg.rollout.n} samples over {self.backend.accumulation} "
+                f"gradient accumulation steps")
         self.engine = make_engine(cfg.rollout, cfg.model, self.tokenizer, cfg.train.bf16, cfg.seed,
                                   hf_copy=engine_lm.to(self.backend.device) if engine_lm is not None else None)
         # A fixed canary batch for the weight-sync check: the tail of two prompts, scored as responses
@@ -100,6 +121,15 @@ class OnlineTrainer(Trainer):
     # ---- what a method defines -------------------------------------------------------------
     advantage: str = ""
     policy_loss: str = ""
+    epochs = 1  # passes over each rollout batch
+
+    def load_policy(self):
+        """The initial policy (a transformers causal LM, before PEFT)."""
+        return load_causal_lm(self.cfg.model)
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.train.mini_batches * self.epochs
 
     def check_config(self) -> None:
         super().check_config()
@@ -141,78 +171,116 @@ class OnlineTrainer(Trainer):
         canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
         return self.engine.update_weights(weights, canary, self.cfg.rollout.sync_tolerance)
 
-    # ---- the step ----------------------------------------------------------------------------
-    def step(self, step: int) -> dict[str, float]:
+    # ---- the step, in pieces a method can recombine (trainers/ppo.py) ------------------------
+    def rollout(self, step: int) -> RolloutBatch:
+        """This rank's share of every mini-batch, rolled out, scored and packed."""
         cfg = self.cfg
-        n, k = cfg.rollout.n, cfg.train.mini_batches
-        t_start = time.perf_counter()
+        k = cfg.train.mini_batches
         order = step_indices(step, cfg.train.batch_size, len(self.train_set), cfg.seed)
         per_mini = cfg.train.batch_size // k
         # Global positions of this rank's prompts, mini-batch by mini-batch.
         positions = [p for j in range(k) for p in range(j * per_mini, (j + 1) * per_mini)[self.rank::self.world]]
         examples = [self.train_set[order[p]] for p in positions]
-
         rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
                                         prompt_uids=positions)
         self.engine.sleep()  # frees accelerator memory for training where the backend can
+        return self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
+
+    def make_batch(self, samples: list[Example], rollouts: Rollouts) -> RolloutBatch:
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        rewards = torch.tensor(self.reward_fn([examples[i] for i in rollouts.prompt_index], texts),
-                               device=self.backend.device)
-        advantages = ADVANTAGES[self.advantage](rewards.view(-1, n), **self.advantage_params()).reshape(-1)
-        t_rollout = time.perf_counter() - t_start
+        inputs = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id, self.backend.device)
+        batch = RolloutBatch(samples, rollouts, texts, inputs, inputs.pop("response_mask").float())
+        batch.rewards = self.score(batch)
+        return batch
 
-        batch = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id, self.backend.device)
-        mask = batch["response_mask"].float()
-        r_len = mask.shape[1]
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
-        rows = len(rollouts.response_ids) // k
-        # Log-probs of the policy that generated the batch, in the training precision. The first
-        # mini-batch is still on-policy when it is trained, so its own forward provides them.
-        old_logp = torch.zeros_like(mask)
-        if k > 1:
-            with torch.no_grad():
-                old_logp[rows:], _ = self.backend(**{key: v[rows:] for key, v in inputs.items()},
-                                                  response_len=r_len)
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        """One reward per sample: the configured reward function (SR-PPO's is computed from models)."""
+        return torch.tensor(self.reward_fn(batch.samples, batch.texts), dtype=torch.float32, device=self.backend.device)
 
+    def micro_slices(self, rows: int) -> list[list[slice]]:
+        """Per mini-batch, the row slices of its gradient-accumulation micro-batches."""
+        per_mini = rows // self.cfg.train.mini_batches
+        micro = per_mini // self.backend.accumulation
+        return [[slice(start, start + micro) for start in range(j * per_mini, (j + 1) * per_mini, micro)]
+                for j in range(self.cfg.train.mini_batches)]
+
+    def train_policy(self, batch: RolloutBatch, old_logp: torch.Tensor | None, loss_fn, epochs: int = 1) -> dict:
+        """`epochs` passes over the mini-batches, one optimizer step each; `loss_fn(rows, logp,
+        entropy) -> (loss, stats)` on a micro-batch. Without `old_logp`, the log-probs of the policy
+        that generated the batch come from the training precision: the first mini-batch is still
+        on-policy when it is trained, so its own forward provides them; the rest get one no-grad pass."""
+        r_len = batch.mask.shape[1]
+        slices = self.micro_slices(batch.mask.shape[0])
+        fill_first = old_logp is None
+        if fill_first:
+            old_logp = torch.zeros_like(batch.mask)
+            first = slices[0][-1].stop
+            if first < len(old_logp):
+                old_logp[first:] = self.policy_logprobs(batch, first)
+        batch.old_logp = old_logp
         stats: dict[str, list[float]] = {}
-        for j in range(k):
-            sl = slice(j * rows, (j + 1) * rows)
-            logp, entropy = self.backend(**{key: v[sl] for key, v in inputs.items()}, response_len=r_len,
-                                         with_entropy=True)
-            if j == 0:
-                old_logp[sl] = logp.detach()
-            loss, loss_stats = POLICY_LOSSES[self.policy_loss](
-                logp, old_logp[sl], advantages[sl], mask[sl], **self.loss_params())
-            self.backend.backward(loss)
-            grad_norm = self.backend.step()
-            for key, value in {"loss": float(loss.detach()), "grad_norm": grad_norm,
-                               "kl": float(masked_mean(kl_k3(old_logp[sl], logp.detach()), mask[sl])),
-                               "entropy": float(masked_mean(entropy, mask[sl])), **loss_stats}.items():
-                stats.setdefault(key, []).append(float(value))
+        for epoch in range(epochs):
+            for j, micro in enumerate(slices):
+                for rows in micro:
+                    logp, entropy = self.backend(**batch.rows(rows), response_len=r_len, with_entropy=True)
+                    if fill_first and epoch == 0 and j == 0:
+                        old_logp[rows] = logp.detach()
+                    loss, loss_stats = loss_fn(rows, logp, entropy)
+                    self.backend.backward(loss)
+                    for key, value in {"loss": float(loss.detach()), **loss_stats}.items():
+                        stats.setdefault(key, []).append(float(value))
+                stats.setdefault("grad_norm", []).append(self.backend.step())
+        return {key: sum(v) / len(v) for key, v in stats.items()}
+
+    @torch.no_grad()
+    def policy_logprobs(self, batch: RolloutBatch, start: int = 0) -> torch.Tensor:
+        """Log-probs of rows `start:` under the current policy, one micro-batch-sized chunk at a time."""
+        size = self.micro_slices(len(batch.mask))[0][0].stop
+        return torch.cat([self.backend(**batch.rows(slice(i, i + size)), response_len=batch.mask.shape[1])[0]
+                          for i in range(start, len(batch.mask), size)])
+
+    def step_metrics(self, batch: RolloutBatch, stats: dict, t_start: float, t_rollout: float) -> dict[str, float]:
+        """Push the new weights to the engine (verified), then the shared metrics of an online step."""
         t_train = time.perf_counter() - t_start - t_rollout
-
-        rollout_logp = torch.zeros_like(old_logp)
-        for i, lp in enumerate(rollouts.logprobs):
+        rollout_logp = torch.zeros_like(batch.mask)
+        for i, lp in enumerate(batch.rollouts.logprobs):
             rollout_logp[i, : len(lp)] = lp.to(rollout_logp.device)
-
         t_sync = time.perf_counter()
         sync_err = self.sync_weights()
         t_sync = time.perf_counter() - t_sync
         elapsed = time.perf_counter() - t_start
-        metrics = {key: sum(v) / len(v) for key, v in stats.items()}
+        rewards, mask = batch.rewards, batch.mask
+        metrics = {**batch.stats, **stats}
         metrics.update({
             "lr": self.backend.lr,
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "response_length/mean": float(mask.sum(-1).mean()),
-            "rollout/logprob_diff": float(masked_mean((rollout_logp - old_logp).abs(), mask)),
+            "rollout/logprob_diff": float(masked_mean((rollout_logp - batch.old_logp).abs(), mask)),
             "sync/logprob_err": sync_err,
             "time/rollout_s": t_rollout,
             "time/train_s": t_train,
             "time/sync_s": t_sync,
-            "perf/tokens_per_s": float(batch["attention_mask"].sum()) * self.world / elapsed,
+            "perf/tokens_per_s": float(batch.inputs["attention_mask"].sum()) * self.world / elapsed,
         })
         return self.backend.mean(metrics)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Roll out -> sequence advantages (registered estimator) -> registered policy loss."""
+        t_start = time.perf_counter()
+        batch = self.rollout(step)
+        n = self.cfg.rollout.n
+        advantages = ADVANTAGES[self.advantage](batch.rewards.view(-1, n), **self.advantage_params()).reshape(-1)
+        t_rollout = time.perf_counter() - t_start
+
+        def loss_fn(rows, logp, entropy):
+            old, mask = batch.old_logp[rows], batch.mask[rows]
+            loss, stats = POLICY_LOSSES[self.policy_loss](logp, old, advantages[rows], mask, **self.loss_params())
+            return loss, {"kl": float(masked_mean(kl_k3(old, logp.detach()), mask)),
+                          "entropy": float(masked_mean(entropy, mask)), **stats}
+
+        stats = self.train_policy(batch, None, loss_fn)
+        return self.step_metrics(batch, stats, t_start, t_rollout)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -222,8 +290,9 @@ class OnlineTrainer(Trainer):
         shard = self.eval_set[self.rank::self.world]
         sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
         rollouts = self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
-        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        sums = {"count": len(shard), "reward": sum(self.reward_fn(shard, texts))}
+        batch = self.make_batch(shard, rollouts) if shard else None
+        texts = batch.texts if shard else []
+        sums = {"count": len(shard), "reward": float(batch.rewards.sum()) if shard else 0.0}
         checkable = all(e.entry is not None or e.answer is not None for e in self.eval_set)
         if checkable:
             sums["correct"] = sum(is_correct(e, t) for e, t in zip(shard, texts))

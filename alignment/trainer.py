@@ -4,7 +4,8 @@ A trainer sets `self.cfg`, `self.tokenizer`, `self.model` (the transformers or P
 saved) and `self.backend`, and defines `step(step) -> metrics` and `evaluate() -> metrics`. Hooks:
 `start()` runs after a resume and before the first step (the online loop pushes weights to its
 engine there); `finish(out)` writes method-specific outputs at the end (R^3M's outliers.jsonl); `check_config()`
-rejects unusable values before anything is loaded.
+rejects unusable values before anything is loaded; `save_extra` / `load_extra` checkpoint what
+the model and backend do not hold (PPO's critic).
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class Trainer:
     def max_steps(self) -> int:
         return self.cfg.train.max_steps
 
+    updates_per_step = 1  # optimizer steps per trainer step (online: mini-batches x epochs)
+
+    @property
+    def total_updates(self) -> int:
+        """Optimizer steps in the whole run (AdaLoRA's budget schedule is defined over them)."""
+        return self.max_steps * self.updates_per_step
+
+    def save_extra(self, folder: Path) -> None:
+        """Checkpoint what the model and backend do not hold (PPO's critic); all ranks call."""
+
+    def load_extra(self, folder: Path) -> None:
+        pass
+
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
         """Written under `step-N.tmp` and renamed when complete: a killed run never leaves a broken one."""
@@ -65,6 +79,7 @@ class Trainer:
             if self.backend.is_main:
                 self.model.save_pretrained(tmp)
         self.backend.save_state(tmp)
+        self.save_extra(tmp)
         if self.backend.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "trainer": self.cfg.trainer, "world_size": self.backend.world_size,
@@ -77,17 +92,18 @@ class Trainer:
         if self.backend.deepspeed is None:
             from safetensors.torch import load_file
 
-            if self.cfg.peft.type != "none":
+            if self.cfg.peft.type == "lora":
                 from peft import set_peft_model_state_dict
 
                 set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
-            else:
+            elif self.cfg.peft.type == "none":  # AdaLoRA's full-rank adapters come with the backend state
                 state = load_file(folder / "model.safetensors")
                 missing, unexpected = self.model.load_state_dict(state, strict=False)
                 tied = set(getattr(self.model, "_tied_weights_keys", None) or {})
                 if unexpected or set(missing) - tied - {"lm_head.weight"}:
                     raise RuntimeError(f"{folder}: checkpoint does not match the model ({missing or unexpected})")
         self.backend.load_state(folder)
+        self.load_extra(folder)
         return json.loads((folder / "trainer_state.json").read_text())["step"]
 
     def save_final(self) -> Path:
@@ -129,7 +145,7 @@ class Trainer:
                 log.info("held-out accuracy before training: %.3f", first_eval["eval/accuracy"])
         metrics: dict[str, float] = {}
         for step in range(start, total):
-            metrics = self.step(step)
+            metrics = {**self.step(step), **self.backend.stats()}
             done = step + 1
             if done == total or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
                 metrics.update(self.evaluate())

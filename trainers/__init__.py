@@ -11,6 +11,8 @@ TRAINERS = {
     "reward_model": "trainers.reward_model:RewardModelTrainer",
     "dpo": "trainers.dpo:DPOTrainer",
     "sft": "trainers.sft:SFTTrainer",
+    "ppo": "trainers.ppo:PPOTrainer",
+    "sr_ppo": "trainers.self_rewarding_ppo:SelfRewardingPPOTrainer",
 }
 
 

@@ -15,16 +15,12 @@ DeepSpeed launches are the same as every other trainer's; the loss itself is TRL
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from alignment.config import BaseConfig, ConfigError
 from alignment.data import encode_conversations
-from alignment.models import PolicyModel, apply_peft, load_causal_lm, pack, token_logprobs
+from alignment.models import PolicyModel, apply_peft, frozen_copy, load_causal_lm, pack, reference_logprobs
 from alignment.offline import PairwiseTrainer
 
 
@@ -53,23 +49,10 @@ class DPOTrainer(PairwiseTrainer):
 
     def build_model(self):
         lm = load_causal_lm(self.cfg.model)
-        self.reference = None
-        if self.cfg.peft.type == "none":
-            self.reference = copy.deepcopy(lm).eval().requires_grad_(False)
-        lm = apply_peft(lm, self.cfg.peft)
+        self.reference = frozen_copy(lm) if self.cfg.peft.type == "none" else None
+        lm = apply_peft(lm, self.cfg.peft, self.total_updates)
         self.module = PolicyModel(lm, self.cfg.train.bf16)
         return lm
-
-    def _reference_logprobs(self, batch: dict, r_len: int) -> torch.Tensor:
-        if self.reference is not None:
-            self.reference.to(self.backend.device)
-            model, ctx = self.reference, contextlib.nullcontext()
-        else:
-            model, ctx = self.model, self.model.disable_adapter()
-        with torch.no_grad(), ctx:
-            lp, _ = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], r_len,
-                                   self.cfg.train.bf16)
-        return lp
 
     def margins(self, pairs):
         opts = self.cfg.dpo
@@ -80,6 +63,7 @@ class DPOTrainer(PairwiseTrainer):
         r_len = batch["response_mask"].shape[1]
         mask = batch["response_mask"].float()
         logp, _ = self.backend(batch["input_ids"], batch["attention_mask"], batch["position_ids"], r_len)
-        log_ratio = ((logp - self._reference_logprobs(batch, r_len)) * mask).sum(-1)
+        ref_logp = reference_logprobs(self.reference, self.model, batch, r_len, self.cfg.train.bf16)
+        log_ratio = ((logp - ref_logp) * mask).sum(-1)
         n = len(pairs)
         return opts.beta * (log_ratio[:n] - log_ratio[n:]), int(batch["attention_mask"].sum())

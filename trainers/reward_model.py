@@ -43,7 +43,7 @@ class RewardModelTrainer(PairwiseTrainer):
     def build_model(self):
         model = load_reward_model(self.cfg.model, self.tokenizer)
         head = [name for name in ("score", "classifier") if hasattr(model, name)]
-        model = apply_peft(model, self.cfg.peft, modules_to_save=head)
+        model = apply_peft(model, self.cfg.peft, self.total_updates, modules_to_save=head)
         self.module = RewardForward(model, self.cfg.train.bf16)
         return model
 

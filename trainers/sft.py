@@ -38,7 +38,7 @@ class SFTTrainer(OfflineTrainer):
         return load_demonstrations(self.cfg.data, self.cfg.seed)
 
     def build_model(self):
-        lm = apply_peft(load_causal_lm(self.cfg.model), self.cfg.peft)
+        lm = apply_peft(load_causal_lm(self.cfg.model), self.cfg.peft, self.total_updates)
         self.module = PolicyModel(lm, self.cfg.train.bf16)
         return lm
 

@@ -1,0 +1,1 @@
+"""Efficiency options: AdaLoRA's budget schedule (adalora) and, later, GEAR KV-cache compression."""
