@@ -111,6 +111,8 @@ def _prompt_examples(rows: list[dict], origin: str) -> list[Example]:
 def _reasoning_gym(cfg: DataConfig, size: int, seed: int) -> list[Example]:
     import reasoning_gym
 
+    if not cfg.task:
+        raise ConfigError("data.task: required with data.source=reasoning_gym (e.g. chain_sum)")
     try:
         dataset = reasoning_gym.create_dataset(cfg.task, size=size, seed=seed, **cfg.task_args)
     except Exception as e:  # noqa: BLE001 - unknown task or bad task_args
@@ -122,8 +124,6 @@ def _reasoning_gym(cfg: DataConfig, size: int, seed: int) -> list[Example]:
 def load_prompts(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held-out) prompt examples."""
     if cfg.source == "reasoning_gym":
-        if not cfg.task:
-            raise ConfigError("data.task: required with data.source=reasoning_gym (e.g. chain_sum)")
         # Held-out problems come from a different generator seed.
         return _reasoning_gym(cfg, cfg.size, seed), _reasoning_gym(cfg, cfg.eval_size, seed + 1_000_003)
     if not cfg.path:
@@ -181,7 +181,13 @@ def load_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
 
 def load_demonstrations(cfg: DataConfig, seed: int) -> tuple[list[Demonstration], list[Demonstration]]:
     """(train, held-out) demonstrations `{"prompt", "completion"}` or `{"messages": [...]}` (the
-    last assistant message is the completion)."""
+    last assistant message is the completion); from a reasoning-gym task, its answers."""
+    if cfg.source == "reasoning_gym":
+        # Drawn with their own generator seed, so prompts of the same task and seed (an online
+        # stage's) are unseen; held-out problems are the prompts' held-out ones.
+        train, held = _reasoning_gym(cfg, cfg.size, seed + 7_919), _reasoning_gym(cfg, cfg.eval_size, seed + 1_000_003)
+        return ([Demonstration(e.prompt, str(e.answer)) for e in train],
+                [Demonstration(e.prompt, str(e.answer)) for e in held])
     rows, origin, held, held_origin = _rows_with_held_out(cfg, seed)
 
     def demos(rows, origin):
