@@ -54,7 +54,8 @@ TARGET_VS_FP32, TARGET_VS_BF16 = 3.0, 1.5
 
 
 # ---- workload -----------------------------------------------------------------------------------
-def build_ours_config(steps: int, eval_size: int, output_dir: str):
+def build_ours_config(steps: int, eval_size: int, output_dir: str, config=CONFIG, extra: tuple[str, ...] = ()):
+    """The recipe `config` with the shared workload overrides, then `extra` overrides (which win)."""
     from alignment.cli import build_config
 
     overrides = [
@@ -62,7 +63,7 @@ def build_ours_config(steps: int, eval_size: int, output_dir: str):
         "rollout.max_new_tokens=16", "rollout.temperature=1.0", "train.lr=1.0e-5", f"data.eval_size={eval_size}",
         "train.save_every=0", "train.eval_every=0", "rollout.backend=hf", "model.path=builtin:smollm2-135m-instruct",
     ]
-    return build_config(str(CONFIG), overrides)
+    return build_config(str(config), [*overrides, *extra])
 
 
 def param_counts(model) -> dict:
@@ -117,26 +118,30 @@ def _last_number(text: str) -> str | None:
 
 
 # ---- contenders ---------------------------------------------------------------------------------
-def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict) -> dict:
+def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict, config=CONFIG,
+             extra: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_pmd_") as tmp:
-        trainer_cls, cfg = build_ours_config(steps, eval_size, tmp)
+        trainer_cls, cfg = build_ours_config(steps, eval_size, tmp, config, extra)
         t0 = time.perf_counter()
         trainer = trainer_cls(cfg)
         setup_s = time.perf_counter() - t0
         trainer.sync_weights()
         own_before = trainer.evaluate().get("eval/accuracy")
 
-        captured = []
+        captured, generate_s = [], []
         generate = trainer.engine.generate
 
         def recording_generate(*args, **kwargs):
+            t = time.perf_counter()
             out = generate(*args, **kwargs)
+            generate_s.append(time.perf_counter() - t)
             captured.append(out)
             return out
 
         times, stalls, per_step, loads = [], [], [], [C.load_average()]
         for s in range(steps):
             captured.clear()
+            generate_s.clear()
             trainer.engine.generate = recording_generate
             stall, t = C.cpu_stall_s(), time.perf_counter()
             metrics = trainer.step(s)
@@ -149,8 +154,8 @@ def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict) ->
             per_step.append({
                 "step": s + 1, "seconds": times[-1], "cpu_stall_s": stalls[-1], "reward_mean": metrics["reward/mean"],
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "rollout_s": metrics["time/rollout_s"], "train_s": metrics["time/train_s"],
-                "sync_s": metrics["time/sync_s"], "loss": metrics.get("loss"),
+                "rollout_s": metrics["time/rollout_s"], "generate_s": sum(generate_s),
+                "train_s": metrics["time/train_s"], "sync_s": metrics["time/sync_s"], "loss": metrics.get("loss"),
             })
             print(f"  ours step {s + 1}/{steps}: {times[-1]:.2f} s  reward {metrics['reward/mean']:+.3f}  "
                   f"stall {stalls[-1] if stalls[-1] is not None else float('nan'):.2f} s  "
@@ -168,10 +173,14 @@ def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict) ->
             "own_eval_bf16": {"before": own_before, "after": own_after},
             # The old log-prob forward: since f7c37b6 only mini-batches 2..k need it (the first is on-policy).
             "extra_forward_passes": (cfg.train.mini_batches - 1) / cfg.train.mini_batches,
-            "phases": {k: statistics.median(p[k] for p in per_step) for k in ("rollout_s", "train_s", "sync_s")}}
+            "phases": {k: statistics.median(p[k] for p in per_step)
+                       for k in ("rollout_s", "generate_s", "train_s", "sync_s")}}
 
 
-def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator: GreedyEval) -> dict:
+def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator: GreedyEval, **grpo) -> dict:
+    """`steps` generation batches; `grpo` overrides GRPOConfig fields. With steps_per_generation x
+    num_iterations = g > 1 optimizer steps per generation batch, a step here is g optimizer steps
+    (the first one generates), timed as the sum of their times."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -189,6 +198,8 @@ def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator:
         """1 / 0 with the framework's checker (reasoning-gym's own scorer for chain_sum)."""
         return [1.0 if is_correct(train_set[i], c[0]["content"]) else 0.0 for c, i in zip(completions, idx)]
 
+    group = grpo.get("steps_per_generation", 1) * grpo.get("num_iterations", 1)  # with gradient accumulation 1
+
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.begin, self.end, self.stalls, self._stall = [], [], [], None
@@ -201,16 +212,22 @@ def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator:
             self.end.append(time.perf_counter())
             stall = C.cpu_stall_s()
             self.stalls.append(stall - self._stall if stall is not None and self._stall is not None else None)
-            print(f"  trl-{'bf16' if bf16 else 'fp32'} step {len(self.end)}/{steps}: "
-                  f"{self.end[-1] - self.begin[-1]:.2f} s  stall "
-                  f"{self.stalls[-1] if self.stalls[-1] is not None else float('nan'):.2f} s", flush=True)
+            if len(self.end) % group == 0:
+                seconds = sum(e - b for b, e in zip(self.begin[-group:], self.end[-group:]))
+                stalls = self.stalls[-group:]
+                print(f"  trl-{'bf16' if bf16 else 'fp32'} step {len(self.end) // group}/{steps}: "
+                      f"{seconds:.2f} s  stall "
+                      f"{sum(stalls) if None not in stalls else float('nan'):.2f} s", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
-        args = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=16, num_generations=8, max_completion_length=16,
-            learning_rate=1e-5, beta=0.0, temperature=1.0, max_steps=steps, logging_steps=1, report_to="none",
-            use_cpu=True, save_strategy="no", bf16=bf16, seed=0, disable_tqdm=True,
-        )
+        args = GRPOConfig(**{
+            "output_dir": tmp, "per_device_train_batch_size": 16, "num_generations": 8, "max_completion_length": 16,
+            "learning_rate": 1e-5, "beta": 0.0, "temperature": 1.0, "max_steps": steps * group, "logging_steps": 1,
+            "report_to": "none", "use_cpu": True, "save_strategy": "no", "bf16": bf16, "seed": 0,
+            "disable_tqdm": True, **grpo,
+        })
+        if args.steps_per_generation * args.num_iterations != group * args.gradient_accumulation_steps:
+            raise ValueError(f"run_trl: give steps_per_generation and num_iterations explicitly ({grpo})")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         timer = StepTimer()
         t0 = time.perf_counter()
@@ -224,16 +241,20 @@ def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator:
         trainer.train()
         train_wall = time.perf_counter() - t_train
         loads.append(C.load_average())
-        times = [e - b for b, e in zip(timer.begin, timer.end)]
-        cadence = [timer.end[0] - timer.begin[0]] + [b - a for a, b in zip(timer.end, timer.end[1:])]
+        opt_times = [e - b for b, e in zip(timer.begin, timer.end)]
+        times = [sum(opt_times[i:i + group]) for i in range(0, len(opt_times), group)]
+        stalls = [None if None in timer.stalls[i:i + group] else sum(timer.stalls[i:i + group])
+                  for i in range(0, len(timer.stalls), group)]
+        ends = timer.end[group - 1::group]
+        cadence = [ends[0] - timer.begin[0]] + [b - a for a, b in zip(ends, ends[1:])]
         logs = [h for h in trainer.state.log_history if "reward" in h]
         per_step, prev_tokens = [], 0.0
         for k, h in enumerate(logs):
             tokens = float(h.get("num_tokens", 0.0))
-            completion_tokens = float(h.get("completions/mean_length", 0.0)) * 16
+            completion_tokens = float(h.get("completions/mean_length", 0.0)) * args.generation_batch_size
             per_step.append({
                 "step": k + 1, "seconds": times[k] if k < len(times) else None,
-                "cpu_stall_s": timer.stalls[k] if k < len(timer.stalls) else None, "reward_mean": h.get("reward"),
+                "cpu_stall_s": stalls[k] if k < len(stalls) else None, "reward_mean": h.get("reward"),
                 "prompt_tokens": tokens - prev_tokens - completion_tokens, "completion_tokens": completion_tokens,
                 "loss": h.get("loss"),
             })
@@ -242,16 +263,28 @@ def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator:
         after_lenient = evaluator.last_number_accuracy
         del trainer, model
         gc.collect()
-    return {"times": times, "stalls": timer.stalls, "cadence_s": cadence, "per_step": per_step, "after": after,
+    return {"times": times, "stalls": stalls, "cadence_s": cadence, "per_step": per_step, "after": after,
             "after_last_number": after_lenient, "setup_s": setup_s,
-            "train_wall_s": train_wall, "load_average": loads,
+            "train_wall_s": train_wall, "load_average": loads, "optimizer_step_times_s": opt_times,
             "extra_forward_passes": 1.0,  # gradient checkpointing recomputes the forward in backward
             "config": {"gradient_checkpointing": args.gradient_checkpointing, "loss_type": args.loss_type,
                        "scale_rewards": args.scale_rewards, "epsilon": args.epsilon, "bf16": args.bf16,
-                       "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations}}
+                       "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations,
+                       "per_device_train_batch_size": args.per_device_train_batch_size,
+                       "num_generations": args.num_generations, "generation_batch_size": args.generation_batch_size,
+                       "beta": args.beta}}
 
 
 # ---- report -------------------------------------------------------------------------------------
+def headline_step_s(stats: dict) -> tuple[float, str]:
+    """The step time the figures use, from `C.summarize`: the median over steps no other process
+    competed in, when there are enough of them (a third of the timed steps), else over all timed steps."""
+    clean = stats.get("uncontended")
+    if clean is not None and clean["steps_timed"] >= max(2, stats["steps_timed"] // 3):
+        return clean["median_s"], "uncontended median"
+    return stats["median_s"], "median of all timed steps"
+
+
 def main(quick: bool = False) -> dict:
     from transformers.utils import logging as hf_logging
 
@@ -306,15 +339,11 @@ def main(quick: bool = False) -> dict:
         model_flops = flops(params, tokens, completion, 1 + 3)  # rollout forward + train forward/backward
         extra = flops(params, tokens, completion if name == "ours" else 0.0, run["extra_forward_passes"])
         executed = model_flops + extra
-        clean = stats.get("uncontended")
-        # The step time the figures below use: the median over steps no other process competed in,
-        # when there are enough of them (a third of the timed steps), else over all timed steps.
-        use_clean = clean is not None and clean["steps_timed"] >= max(2, stats["steps_timed"] // 3)
-        t = clean["median_s"] if use_clean else stats["median_s"]
+        t, t_from = headline_step_s(stats)
         figures[name] = {
             **stats,
             "step_s": t,
-            "step_s_from": "uncontended median" if use_clean else "median of all timed steps",
+            "step_s_from": t_from,
             "accuracy_before": before,
             "accuracy_after": run["after"],
             "accuracy_gain": run["after"] - before,

@@ -90,3 +90,26 @@ def test_deepspeed_launcher_two_processes_zero3(reference, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "rank 0/2, backend deepspeed-zero3" in proc.stdout + proc.stderr
     _same_losses(read_metrics(out / "metrics.jsonl"), want)
+
+
+def test_ppo_two_processes_zero2_match_one_process(tmp_path, tiny_model):
+    """PPO's critic gets its own DeepSpeed engine and whitening uses global statistics: 2 ranks
+    reproduce one process."""
+    import yaml
+
+    recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"epochs": 2, "critic_lr": 1e-3})
+    values = yaml.safe_load(recipe.read_text())
+    del values["pmd"]
+    recipe.write_text(yaml.safe_dump(values))
+    assert run_align("train", str(recipe), f"output_dir={tmp_path / 'one'}").returncode == 0
+    proc = run_align("train", str(recipe), f"output_dir={tmp_path / 'two'}",
+                     launcher=ACCELERATE + ["--config_file", "launch/zero2.yaml", "--num_processes", "2",
+                                            "--main_process_port", "0", "-m"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/2, backend deepspeed-zero2" in proc.stderr
+    want = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["step"]}
+    got = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["step"]}
+    assert sorted(got) == sorted(want) == [1, 2]
+    for step in (1, 2):
+        for key in ("loss/policy", "loss/value", "reward/mean", "kl", "clip_frac"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -72,6 +72,16 @@ def ppo_clip_loss(logp, old_logp, advantages, mask, clip: float):
     return loss, {"clip_frac": float(clip_frac)}
 
 
+def kl_penalised_rewards(scores, logp, ref_logp, mask, coef: float):
+    """(token rewards, per-token KL): -coef * (log pi - log pi_ref) at every response token (the k1
+    estimate on tokens sampled from pi), plus the sequence score at the last token."""
+    kl = (logp - ref_logp) * mask
+    rewards = -coef * kl
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards, kl
+
+
 def clipped_value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
     """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within +-clip of the rollout-time value."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
@@ -79,14 +89,15 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float) -> torch.
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries of the global batch (all ranks)."""
+    """(x - mean) / std over the masked entries of the global batch (all ranks); 0 elsewhere. A
+    fractional mask weighs the statistics (tests use probabilities as weights)."""
     sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     mean = sums[0] / sums[2]
     var = (sums[1] / sums[2] - mean**2).clamp(min=0)
     out = (x - mean.float()) * torch.rsqrt(var.float() + 1e-8)
-    return (out if shift_mean else out + mean.float()) * mask
+    return torch.where(mask > 0, out if shift_mean else out + mean.float(), 0.0)
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -205,10 +216,7 @@ class PPOTrainer(OnlineTrainer):
         old_values = self.values(batch) * mask
 
         scores = whiten(batch.rewards, torch.ones_like(batch.rewards)) if opts.whiten_rewards else batch.rewards
-        kl = (old_logp - ref_logp) * mask  # k1 per token, on tokens sampled from pi_old
-        token_rewards = -cfg.kl.coef * kl
-        last = (mask.sum(-1).long() - 1).clamp(min=0)
-        token_rewards[torch.arange(len(last)), last] += scores
+        token_rewards, kl = kl_penalised_rewards(scores, old_logp, ref_logp, mask, cfg.kl.coef)
         advantages, returns = gae(token_rewards, old_values, mask, opts.gamma, opts.lam)
         if opts.whiten_advantages:
             advantages = whiten(advantages, mask)
