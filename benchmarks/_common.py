@@ -15,6 +15,30 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
+def quiet_torch(threads: int) -> None:
+    """A benchmark's process set-up: fixed thread count and seed; library chatter off."""
+    import logging
+    import warnings
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("alignment").setLevel(logging.WARNING)
+
+
+def run_info(command: str, quick: bool, *packages: str) -> dict:
+    """The head of every results JSON: what ran, on which code, machine and package versions."""
+    import torch
+
+    return {"mode": "quick" if quick else "full", "command": command, "argv": sys.argv, "git": git_state(ROOT),
+            "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
+            "versions": versions("torch", "transformers", *packages)}
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     flags = ""

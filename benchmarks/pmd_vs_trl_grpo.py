@@ -31,13 +31,11 @@ completion positions.
 from __future__ import annotations
 
 import gc
-import logging
 import re
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 
@@ -285,17 +283,36 @@ def headline_step_s(stats: dict) -> tuple[float, str]:
     return stats["median_s"], "median of all timed steps"
 
 
-def main(quick: bool = False) -> dict:
-    from transformers.utils import logging as hf_logging
+def contender_figures(run: dict, warmup: int, executed_flops, peak_bf16: float, peak_fp32: float) -> dict:
+    """What every contender reports: steady-state step times (`C.summarize`, `headline_step_s`),
+    tokens per step, throughput of the work `executed_flops(tokens, completion_tokens)` it does,
+    and its raw per-step records."""
+    stats = C.summarize(run["times"], warmup, run["stalls"])
+    t, t_from = headline_step_s(stats)
+    steady = run["per_step"][warmup:] or run["per_step"]
+    tokens = statistics.fmean(p["prompt_tokens"] + p["completion_tokens"] for p in steady)
+    completion = statistics.fmean(p["completion_tokens"] for p in steady)
+    executed = executed_flops(tokens, completion)
+    figures = {
+        **stats, "step_s": t, "step_s_from": t_from,
+        "tokens_per_step": tokens, "completion_tokens_per_step": completion,
+        "executed_flops_per_step": executed, "achieved_tflops": executed / t / 1e12,
+        "fraction_of_bf16_peak": executed / t / 1e12 / peak_bf16,
+        "fraction_of_fp32_peak": executed / t / 1e12 / peak_fp32,
+        "setup_s": run["setup_s"], "load_average_before_after": run["load_average"],
+        "step_times_s": run["times"], "per_step": run["per_step"],
+    }
+    for key in ("cadence_s", "config", "train_wall_s", "own_eval_bf16", "phases", "optimizer_step_times_s"):
+        if key in run:
+            figures[key] = run[key]
+    return figures
 
+
+def main(quick: bool = False) -> dict:
     from alignment.data import load_prompts
     from alignment.models import load_tokenizer, resolve_path
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("alignment").setLevel(logging.WARNING)
+    C.quiet_torch(THREADS)
 
     steps, warmup, eval_size = (3, 1, 16) if quick else (60, 2, 64)
     command = f"align bench {NAME}" + (" --quick" if quick else "")
@@ -332,18 +349,13 @@ def main(quick: bool = False) -> dict:
 
     figures = {}
     for name, run in runs.items():
-        stats = C.summarize(run["times"], warmup, run["stalls"])
-        steady = run["per_step"][warmup:] or run["per_step"]
-        tokens = statistics.fmean(p["prompt_tokens"] + p["completion_tokens"] for p in steady)
-        completion = statistics.fmean(p["completion_tokens"] for p in steady)
-        model_flops = flops(params, tokens, completion, 1 + 3)  # rollout forward + train forward/backward
-        extra = flops(params, tokens, completion if name == "ours" else 0.0, run["extra_forward_passes"])
-        executed = model_flops + extra
-        t, t_from = headline_step_s(stats)
-        figures[name] = {
-            **stats,
-            "step_s": t,
-            "step_s_from": t_from,
+        def executed_flops(tokens, completion):  # called at once, inside this iteration
+            model = flops(params, tokens, completion, 1 + 3)  # rollout forward + train forward/backward
+            return model + flops(params, tokens, completion if name == "ours" else 0.0, run["extra_forward_passes"])
+
+        figures[name] = f = contender_figures(run, warmup, executed_flops, peak_bf16, peak_fp32)
+        executed, t = f["executed_flops_per_step"], f["step_s"]
+        f.update({
             "accuracy_before": before,
             "accuracy_after": run["after"],
             "accuracy_gain": run["after"] - before,
@@ -351,23 +363,10 @@ def main(quick: bool = False) -> dict:
             "last_number_accuracy_after": run["after_last_number"],
             "reward_mean_first5": statistics.fmean(p["reward_mean"] for p in run["per_step"][:5]),
             "reward_mean_last10": statistics.fmean(p["reward_mean"] for p in run["per_step"][-10:]),
-            "tokens_per_step": tokens,
-            "completion_tokens_per_step": completion,
-            "model_flops_per_step": model_flops,
-            "executed_flops_per_step": executed,
-            "achieved_tflops": executed / t / 1e12,
-            "fraction_of_bf16_peak": executed / t / 1e12 / peak_bf16,
+            "model_flops_per_step": flops(params, f["tokens_per_step"], f["completion_tokens_per_step"], 1 + 3),
             "fraction_of_doc_bf16_2tflops": executed / t / 1e12 / DOC_PEAK_BF16,
-            "fraction_of_fp32_peak": executed / t / 1e12 / peak_fp32,
             "bf16_bound_s": executed / (peak_bf16 * 1e12),
-            "setup_s": run["setup_s"],
-            "load_average_before_after": run["load_average"],
-            "step_times_s": run["times"],
-            "per_step": run["per_step"],
-        }
-        for key in ("cadence_s", "config", "train_wall_s", "own_eval_bf16", "phases"):
-            if key in run:
-                figures[name][key] = run[key]
+        })
 
     ours = figures["ours"]
     ratios = {f"ours_vs_{k.replace('-', '_')}": {
@@ -404,12 +403,7 @@ def main(quick: bool = False) -> dict:
         print(f"target {k}: {'met' if v else 'NOT met'}")
 
     result = {
-        "mode": "quick" if quick else "full",
-        "command": command,
-        "argv": sys.argv,
-        "git": C.git_state(ROOT),
-        "machine": {**C.machine_info(), "torch_threads": torch.get_num_threads()},
-        "versions": C.versions("torch", "transformers", "trl", "datasets", "accelerate", "reasoning_gym"),
+        **C.run_info(command, quick, "trl", "datasets", "accelerate", "reasoning_gym"),
         "workload": {
             "model": "SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct)", "task": "reasoning-gym chain_sum",
             "task_args": cfg.data.task_args, "prompt_suffix": cfg.data.prompt_suffix, "chat_template": True,

@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import statistics
 import sys
 import tempfile
-import warnings
 
 import torch
 
@@ -96,16 +94,10 @@ def trl_phases(run: dict, warmup: int) -> dict:
 
 
 def main(quick: bool = False) -> dict:
-    from transformers.utils import logging as hf_logging
-
     from alignment.data import load_prompts
     from alignment.models import load_tokenizer, resolve_path
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("alignment").setLevel(logging.WARNING)
+    C.quiet_torch(THREADS)
 
     steps, warmup, eval_size = (3, 1, 16) if quick else (14, 2, 64)
     command = f"align bench {NAME}" + (" --quick" if quick else "")
@@ -150,43 +142,26 @@ def main(quick: bool = False) -> dict:
 
     figures = {}
     for name, run in runs.items():
-        stats = C.summarize(run["times"], warmup, run["stalls"])
-        t, t_from = P.headline_step_s(stats)
-        steady = run["per_step"][warmup:] or run["per_step"]
-        tokens = statistics.fmean(p["prompt_tokens"] + p["completion_tokens"] for p in steady)
-        completion = statistics.fmean(p["completion_tokens"] for p in steady)
         policy_passes, backbone_passes = forward_passes(cfg, run.get("config"))
-        executed = (P.flops(params, tokens, completion, policy_passes)
-                    + P.flops(params, tokens, 0.0, backbone_passes))
+
+        def executed_flops(tokens, completion):  # called at once, inside this iteration
+            return P.flops(params, tokens, completion, policy_passes) + P.flops(params, tokens, 0.0, backbone_passes)
+
+        figures[name] = f = P.contender_figures(run, warmup, executed_flops, peak_bf16, peak_fp32)
+        steady = run["per_step"][warmup:] or run["per_step"]
         if name == "ours":
             phases = {k: statistics.median(p[k] for p in steady)
                       for k in ("seconds", "generate_s", "rollout_s", "train_s", "sync_s")}
             phases["score_s"] = statistics.median(p["rollout_s"] - p["generate_s"] for p in steady)
         else:
             phases = trl_phases(run, warmup)
-        figures[name] = {
-            **stats,
-            "step_s": t,
-            "step_s_from": t_from,
+        f.update({
             "phases_median_s": phases,
             "accuracy_before": before,
             "accuracy_after": run["after"],
             "reward_mean_per_step": [p["reward_mean"] for p in run["per_step"]],
-            "tokens_per_step": tokens,
-            "completion_tokens_per_step": completion,
             "forward_passes": {"policy": policy_passes, "critic" if name == "ours" else "recompute": backbone_passes},
-            "executed_flops_per_step": executed,
-            "achieved_tflops": executed / t / 1e12,
-            "fraction_of_bf16_peak": executed / t / 1e12 / peak_bf16,
-            "fraction_of_fp32_peak": executed / t / 1e12 / peak_fp32,
-            "setup_s": run["setup_s"],
-            "load_average_before_after": run["load_average"],
-            "step_times_s": run["times"],
-            "per_step": run["per_step"],
-        }
-        for key in ("cadence_s", "config", "train_wall_s", "own_eval_bf16", "optimizer_step_times_s"):
-            if key in run:
-                figures[name][key] = run[key]
+        })
 
     ours = figures["ours"]
     ratios = {f"ours_over_{k.replace('-', '_')}": {
@@ -250,12 +225,7 @@ def main(quick: bool = False) -> dict:
               f"executed FLOPs {v['executed_flops']:.2f}")
 
     result = {
-        "mode": "quick" if quick else "full",
-        "command": command,
-        "argv": sys.argv,
-        "git": C.git_state(ROOT),
-        "machine": {**C.machine_info(), "torch_threads": torch.get_num_threads()},
-        "versions": C.versions("torch", "transformers", "trl", "datasets", "accelerate", "reasoning_gym"),
+        **C.run_info(command, quick, "trl", "datasets", "accelerate", "reasoning_gym"),
         "peer": {"trl_ppo_trainer": peer_ppo,
                  "used": "trl.GRPOTrainer with the same rollout budget (beta 0: no reference model, no critic)",
                  "grpo_overrides": grpo},

@@ -12,10 +12,8 @@ and response length over the SR-PPO steps, so length hacking would show.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
-import warnings
 
 import torch
 
@@ -29,17 +27,13 @@ THREADS = 2
 
 def main(quick: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from alignment.cli import build_config
     from alignment.data import load_prompts
     from alignment.logging import read_metrics
     from alignment.models import load_tokenizer, resolve_path
 
-    torch.set_num_threads(THREADS)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("alignment").setLevel(logging.WARNING)
+    C.quiet_torch(THREADS)
     steps, eval_size = (2, 8) if quick else (30, 64)
     command = f"align bench {NAME}" + (" --quick" if quick else "")
     print(f"{command}: {CONFIG.name}, {steps} SR-PPO steps, {eval_size} held-out problems", flush=True)
@@ -83,16 +77,13 @@ def main(quick: bool = False) -> dict:
     trend = [[k, f"{mean(first, k):.3f}", f"{mean(last, k):.3f}"] for k in keys[:4]]
     print(C.table(trend, ["SR-PPO metric", f"first {third} steps", f"last {third} steps"]))
     result = {
-        "command": command,
+        **C.run_info(command, quick, "peft", "reasoning_gym"),
         "config": str(CONFIG.relative_to(C.ROOT)),
         "steps": steps,
         "eval_size": eval_size,
         "accuracy": accuracy,
         "seconds": {"sft_stage": sft_s, "sr_ppo_stage": ppo_s},
         "curve": curve,
-        "git": C.git_state(C.ROOT),
-        "machine": {**C.machine_info(), "torch_threads": torch.get_num_threads()},
-        "versions": C.versions("torch", "transformers", "peft", "reasoning_gym"),
     }
     C.write_results(NAME + (".quick" if quick else ""), result)
     return result
