@@ -233,11 +233,14 @@ class OnlineTrainer(Trainer):
         return {key: sum(v) / len(v) for key, v in stats.items()}
 
     @torch.no_grad()
-    def policy_logprobs(self, batch: RolloutBatch, start: int = 0) -> torch.Tensor:
-        """Log-probs of rows `start:` under the current policy, one micro-batch-sized chunk at a time."""
+    def chunked(self, batch: RolloutBatch, forward, start: int = 0) -> torch.Tensor:
+        """`forward(rows)` over rows `start:` in micro-batch-sized chunks, concatenated, without grad."""
         size = self.micro_slices(len(batch.mask))[0][0].stop
-        return torch.cat([self.backend(**batch.rows(slice(i, i + size)), response_len=batch.mask.shape[1])[0]
-                          for i in range(start, len(batch.mask), size)])
+        return torch.cat([forward(slice(i, i + size)) for i in range(start, len(batch.mask), size)])
+
+    def policy_logprobs(self, batch: RolloutBatch, start: int = 0) -> torch.Tensor:
+        r_len = batch.mask.shape[1]
+        return self.chunked(batch, lambda rows: self.backend(**batch.rows(rows), response_len=r_len)[0], start)
 
     def step_metrics(self, batch: RolloutBatch, stats: dict, t_start: float, t_rollout: float) -> dict[str, float]:
         """Push the new weights to the engine (verified), then the shared metrics of an online step."""

@@ -21,7 +21,7 @@ optimizer; it is checkpointed under `checkpoints/step-N/critic/`.
 
 Metrics: `kl` (per-token KL to the reference, k1 estimate on the samples), `clip_frac`,
 `loss/policy`, `loss/value`, `entropy`, `value/explained_variance`, `ppo/approx_kl` (drift from
-the rollout policy during the updates), `reward/score` (the sequence scores before the KL penalty).
+the rollout policy during the updates); `reward/mean` is the sequence score before the KL penalty.
 """
 
 from __future__ import annotations
@@ -199,11 +199,9 @@ class PPOTrainer(OnlineTrainer):
             return batch.token_logprobs[self.cfg.kl.reference]
         return reference_logprobs(self.reference, self.model, batch.inputs, batch.mask.shape[1], self.cfg.train.bf16)
 
-    @torch.no_grad()
     def values(self, batch: RolloutBatch) -> torch.Tensor:
-        size = self.micro_slices(len(batch.mask))[0][0].stop
-        return torch.cat([self.critic_backend(**batch.rows(slice(i, i + size)), response_len=batch.mask.shape[1])
-                          for i in range(0, len(batch.mask), size)])
+        r_len = batch.mask.shape[1]
+        return self.chunked(batch, lambda rows: self.critic_backend(**batch.rows(rows), response_len=r_len))
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -232,12 +230,10 @@ class PPOTrainer(OnlineTrainer):
         stats.update(self.train_critic(batch, old_values, returns))
         stats.update({
             "kl": float(masked_mean(kl, mask)),
-            "reward/score": float(batch.rewards.mean()),
             "value/mean": float(masked_mean(old_values, mask)),
             "value/explained_variance": explained_variance(old_values, returns, mask),
         })
-        metrics = self.step_metrics(batch, stats, t_start, t_rollout)
-        return metrics
+        return self.step_metrics(batch, stats, t_start, t_rollout)
 
     def train_critic(self, batch: RolloutBatch, old_values, returns) -> dict[str, float]:
         losses, norms = [], []
