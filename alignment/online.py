@@ -204,8 +204,8 @@ class OnlineTrainer(Trainer):
         return [[slice(start, start + micro) for start in range(j * per_mini, (j + 1) * per_mini, micro)]
                 for j in range(self.cfg.train.mini_batches)]
 
-    def train_policy(self, batch: RolloutBatch, old_logp: torch.Tensor | None, loss_fn, epochs: int = 1) -> dict:
-        """`epochs` passes over the mini-batches, one optimizer step each; `loss_fn(rows, logp,
+    def train_policy(self, batch: RolloutBatch, old_logp: torch.Tensor | None, loss_fn) -> dict:
+        """`self.epochs` passes over the mini-batches, one optimizer step each; `loss_fn(rows, logp,
         entropy) -> (loss, stats)` on a micro-batch. Without `old_logp`, the log-probs of the policy
         that generated the batch come from the training precision: the first mini-batch is still
         on-policy when it is trained, so its own forward provides them; the rest get one no-grad pass."""
@@ -219,7 +219,7 @@ class OnlineTrainer(Trainer):
                 old_logp[first:] = self.policy_logprobs(batch, first)
         batch.old_logp = old_logp
         stats: dict[str, list[float]] = {}
-        for epoch in range(epochs):
+        for epoch in range(self.epochs):
             for j, micro in enumerate(slices):
                 for rows in micro:
                     logp, entropy = self.backend(**batch.rows(rows), response_len=r_len, with_entropy=True)

@@ -105,3 +105,23 @@ def test_ppo_with_adalora_resumes_exactly(tmp_path, tiny_model):
     for step in (3, 4):
         for key in ("loss/policy", "loss/value", "reward/mean", "adalora/rank", "kl"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_orthogonality_penalty_is_added_to_losses_computed_outside_the_model():
+    """peft adds it only to `outputs.loss`; our losses never go through that, so the backend adds
+    orth_reg_weight * mean(||A A^T - I||_F + ||B^T B - I||_F) (peft's unsquared norms) itself."""
+    import torch
+
+    from alignment.backend import Backend
+    from alignment.config import TrainConfig
+    from alignment.models import apply_peft
+
+    model = apply_peft(toy.Branches(), toy.PEFT, total_steps=toy.STEPS)
+    backend = Backend(model, TrainConfig(bf16=False), 4)
+    backend.backward((backend(torch.randn(4, toy.LAYERS * toy.WIDTH)) * 0).sum())  # only the penalty is left
+    factors = [(n, p) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    expected = torch.stack([torch.linalg.matrix_norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(toy.PEFT.init_r))
+                            for n, p in factors]).mean() * toy.PEFT.orth_reg_weight
+    grads = torch.autograd.grad(expected, [p for _, p in factors])
+    for (n, p), g in zip(factors, grads):
+        assert p.grad is not None and torch.allclose(p.grad, g, atol=1e-6), n

@@ -226,7 +226,7 @@ class PPOTrainer(OnlineTrainer):
             return loss, {"loss/policy": float(loss.detach()), "entropy": float(masked_mean(entropy, m)),
                           "ppo/approx_kl": float(masked_mean(kl_k3(old_logp[rows], logp.detach()), m)), **stats}
 
-        stats = self.train_policy(batch, old_logp, policy_loss, epochs=opts.epochs)
+        stats = self.train_policy(batch, old_logp, policy_loss)
         stats.update(self.train_critic(batch, old_values, returns))
         stats.update({
             "kl": float(masked_mean(kl, mask)),
@@ -237,7 +237,7 @@ class PPOTrainer(OnlineTrainer):
 
     def train_critic(self, batch: RolloutBatch, old_values, returns) -> dict[str, float]:
         losses, norms = [], []
-        for _ in range(self.cfg.ppo.epochs):
+        for _ in range(self.epochs):
             for micro in self.micro_slices(len(batch.mask)):
                 for rows in micro:
                     values = self.critic_backend(**batch.rows(rows), response_len=batch.mask.shape[1])
