@@ -175,6 +175,24 @@ def test_pmd_steps_end_to_end_on_vllm(one_process_run):
     assert steps[1]["loss"] != steps[0]["loss"]
 
 
+def test_ppo_steps_end_to_end_on_vllm(tmp_path, tiny_model):
+    """PPO (critic, reference, several epochs) on the same engine path: every update reaches vLLM."""
+    import yaml
+
+    recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"epochs": 2, "critic_lr": 1e-3},
+                        rollout={"backend": "vllm", "n": 4, "max_new_tokens": 8, "vllm": {"max_model_len": 512}})
+    values = yaml.safe_load(recipe.read_text())
+    del values["pmd"]
+    recipe.write_text(yaml.safe_dump(values))
+    proc = run_align("train", str(recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2]
+    for row in steps:
+        assert row["sync/logprob_err"] < 1e-3 and row["rollout/logprob_diff"] < 1e-4, row
+    assert steps[1]["kl"] > 0 and steps[1]["value/mean"] != 0  # policy and critic both moved
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
 def test_two_processes_zero3_with_vllm_match_one_process(one_process_run, tmp_path, tensor_parallel):
