@@ -229,9 +229,13 @@ def token_logprobs(
     return logprobs, entropy
 
 
+def frozen(model: PreTrainedModel) -> PreTrainedModel:
+    """A reference model: eval mode, never trained."""
+    return model.eval().requires_grad_(False)
+
+
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A reference model: an eval-mode copy that is never trained."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    return frozen(copy.deepcopy(model))
 
 
 @torch.no_grad()

@@ -163,8 +163,6 @@ class PPOTrainer(OnlineTrainer):
 
     def __init__(self, cfg: PPOConfig):
         super().__init__(cfg)
-        # The KL reference of plain PPO is the initial policy: free with LoRA (adapters off).
-        self.reference = frozen_copy(self.load_policy()) if cfg.peft.type == "none" else None
         critic_path = resolve_path(cfg.ppo.critic_model or self.policy_path())
         backbone = AutoModel.from_pretrained(critic_path, dtype=torch.float32,
                                              attn_implementation=cfg.model.attn_implementation)
@@ -181,7 +179,11 @@ class PPOTrainer(OnlineTrainer):
         return self.cfg.model.path
 
     def load_policy(self):
-        return load_causal_lm(dataclasses.replace(self.cfg.model, path=self.policy_path()))
+        """The initial policy, and a frozen copy of it as the KL reference ("sft"); with LoRA the
+        reference is free: the policy with its adapters off."""
+        lm = load_causal_lm(dataclasses.replace(self.cfg.model, path=self.policy_path()))
+        self.reference = frozen_copy(lm) if self.cfg.peft.type == "none" else None
+        return lm
 
     def check_config(self) -> None:
         super().check_config()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from alignment.config import DataConfig
-from alignment.models import frozen_copy, load_causal_lm, reference_logprobs
+from alignment.models import frozen, load_causal_lm, reference_logprobs
 from alignment.online import RolloutBatch
 from trainers.ppo import PPOConfig, PPOTrainer
 from trainers.sft import SFTConfig, SFTOptions, SFTTrainer
@@ -95,7 +95,7 @@ class SelfRewardingPPOTrainer(PPOTrainer):
     def __init__(self, cfg: SRPPOConfig):
         self.sft_path = cfg.sr_ppo.sft_model or train_sft_stage(cfg)
         super().__init__(cfg)  # policy, its reference (pi_SFT) and the critic start from pi_SFT
-        self.base = frozen_copy(load_causal_lm(cfg.model))
+        self.base = frozen(load_causal_lm(cfg.model))
 
     def policy_path(self) -> str:
         return self.sft_path

@@ -45,6 +45,7 @@ class AdaLoRABudget:
         self.lambdas = {n: p for n, p in adalora.model.named_parameters() if f"lora_E.{self.adapter}" in n}
         self.factors = [(n, p) for n, p in adalora.model.named_parameters()
                         if (f"lora_A.{self.adapter}" in n or f"lora_B.{self.adapter}" in n)]
+        self.adapter_params = [p for _, p in self.factors] + list(self.lambdas.values())
         self._masks: dict[str, torch.Tensor] = {}
 
     # ---- the per-step schedule ---------------------------------------------------------------
@@ -55,11 +56,10 @@ class AdaLoRABudget:
             return
         from deepspeed.utils import safe_get_full_grad
 
-        adapter_params = [p for n, p in self.model.model.named_parameters() if "lora_" in n and self.adapter in n]
-        for p in adapter_params:  # peft reads p.grad; DeepSpeed keeps reduced gradients in its buffers
+        for p in self.adapter_params:  # peft reads p.grad; DeepSpeed keeps reduced gradients in its buffers
             p.grad = safe_get_full_grad(p)
         self.model.update_and_allocate(self.step)
-        for p in adapter_params:
+        for p in self.adapter_params:
             p.grad = None
         # Which lambdas this step masked: none between re-allocations (masked ones may revive then).
         _, reallocated = self.model.rankallocator.budget_schedule(self.step)
