@@ -2,7 +2,7 @@
 
     align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
     align bench NAME [--quick]                  run benchmarks/NAME.py, write benchmarks/results/NAME.json
-    align serve-rm --model DIR [--port 8000]    serve a reward model over HTTP (see rewards/server.py)
+    align serve-rm --model DIR [--port 8000]    serve a reward or preference model over HTTP (rewards/server.py)
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def cmd_serve_rm(args) -> int:
 
     serve(args.model, args.host, args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
           batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-          max_request_bytes=int(args.max_request_mb * 2**20), max_items=args.max_items, log_level=args.log_level)
+          max_request_bytes=int(args.max_request_mb * 2**20), max_items=args.max_items, log_level=args.log_level,
+          routing=args.routing)
     return 0
 
 
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")
     bench.set_defaults(func=cmd_bench)
     serve_rm = sub.add_parser("serve-rm", help="serve a reward model over HTTP")
-    serve_rm.add_argument("--model", required=True, help="reward model folder (or builtin:NAME)")
+    serve_rm.add_argument("--model", required=True,
+                          help="reward model or pairwise preference model folder (or builtin:NAME)")
+    serve_rm.add_argument("--routing", default=None,
+                          help="preference models: a judge-routing YAML (reward: judge + router), e.g. "
+                               "configs/judge_routing.yaml; without it /v1/compare never calls a judge")
     serve_rm.add_argument("--host", default="127.0.0.1")
     serve_rm.add_argument("--port", type=int, default=8000)
     serve_rm.add_argument("--api-key", default=None,

@@ -115,8 +115,38 @@ class PeftConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """A strong LLM judge of pairs (rewards/judges.py); verdicts A / B / tie."""
+
+    type: Literal["openai", "local", "generative_rm"] = "openai"
+    # openai: any OpenAI-compatible chat-completions server (`vllm serve`, a hosted API)
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""  # openai: the served model's name; local / generative_rm: a model folder or builtin:NAME
+    api_key_env: str = "JUDGE_API_KEY"  # environment variable holding the bearer token (unset: none sent)
+    max_concurrency: int = 16  # judge calls in flight at once
+    timeout_s: float = 60.0  # per HTTP call
+    retries: int = 2  # retries of connection errors, timeouts, 429 and 5xx (after the first try)
+    temperature: float = 0.6  # the reference judge's sampling (DeepSeek-R1: T 0.6, top_p 0.9)
+    top_p: float = 0.9
+    max_tokens: int = 2048
+    # ask twice with A and B swapped and average the two verdicts: a judge that only prefers a position
+    # then says "tie"; costs two calls per pair
+    position_swap: bool = False
+    backend: Literal["hf", "vllm"] = "hf"  # local / generative_rm: the engine that runs the judge model
+
+
+@dataclass
+class RouterConfig:
+    """Which preference-model pairs go to the judge (rewards/routing.py)."""
+
+    policy: Literal["threshold", "budget", "random", "always", "never"] = "threshold"
+    threshold: float = 1.4  # threshold: pair uncertainty (>= 1) above it goes to the judge
+    budget: float = 0.2  # budget / random: the fraction of a batch's pairs judged (top-k uncertain / uniform)
+
+
+@dataclass
 class RewardConfig:
-    type: Literal["verifiable", "python", "remote"] = "verifiable"
+    type: Literal["verifiable", "python", "remote", "routed"] = "verifiable"
     correct: float = 1.0  # verifiable: PMD's verl recipe scores +1 / -1
     incorrect: float = -1.0
     function: str | None = None  # python: "path/to/file.py:fn" or "package.module:fn"
@@ -124,12 +154,28 @@ class RewardConfig:
     api_key_env: str = "ALIGN_RM_API_KEY"  # remote: environment variable holding the bearer token
     timeout_s: float = 30.0  # remote: per HTTP call
     retries: int = 3  # remote: retries of connection errors, timeouts, 429 and 5xx
-    batch_size: int = 64  # remote: items per request
+    batch_size: int = 64  # remote: items per request; routed: preference-model pairs per forward
+    # routed: an SNGP pairwise preference model (trainer: preference_model) whose uncertain pairs go to
+    # the judge
+    preference_model: str | None = None
+    judge: JudgeConfig | None = None  # routed: None only with router.policy=never
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
         if self.type == "remote" and not self.url:
             raise ConfigError("reward.url: required with reward.type=remote (an `align serve-rm` address, "
                               "e.g. http://127.0.0.1:8000)")
+        if self.type == "routed":
+            if not self.preference_model:
+                raise ConfigError("reward.preference_model: required with reward.type=routed (the final/ folder of a "
+                                  "`trainer: preference_model` run)")
+            if self.judge is None and self.router.policy != "never":
+                raise ConfigError(f"reward.judge: required with router.policy={self.router.policy} (or set "
+                                  "reward.router.policy=never)")
+            if self.router.threshold < 1.0:
+                raise ConfigError(f"reward.router.threshold: uncertainty is >= 1, got {self.router.threshold}")
+            if not 0.0 <= self.router.budget <= 1.0:
+                raise ConfigError(f"reward.router.budget: a fraction in [0, 1], got {self.router.budget}")
 
 
 @dataclass
@@ -158,6 +204,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        section = _section_type(tp)
+        if section is not None and isinstance(value, dict):  # report the section's own key errors
+            return _build(section, value, key + ".")
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, key)
@@ -212,10 +261,19 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _section_type(tp: Any) -> type | None:
+    """The config section a field holds: `JudgeConfig` for `JudgeConfig` and `JudgeConfig | None`."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((arm for arm in typing.get_args(tp) if dataclasses.is_dataclass(arm)), None)
+    return None
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = _section_type(typing.get_type_hints(cls)[f.name]) or typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             keys += _all_keys(tp, f"{prefix}{f.name}.")
         else:

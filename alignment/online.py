@@ -77,6 +77,7 @@ class RolloutBatch:
     rewards: torch.Tensor | None = None  # (B,)
     old_logp: torch.Tensor | None = None  # (B, R) the generating policy, training precision
     token_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, R) under frozen models, by name
+    pair_scores: torch.Tensor | None = None  # (prompts, n, n) antisymmetric pair scores (routed RL)
     stats: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. by the reward)
 
     def rows(self, rows: slice) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ class OnlineTrainer(Trainer):
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
-        self.reward_fn = build_reward(cfg.reward)
+        self.reward_fn = self.build_reward()
         lm = self.load_policy()
         engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
         lm = apply_peft(lm, cfg.peft, self.total_updates)
@@ -122,6 +123,10 @@ class OnlineTrainer(Trainer):
     advantage: str = ""
     policy_loss: str = ""
     epochs = 1  # passes over each rollout batch
+
+    def build_reward(self):
+        """What `score` uses: the configured reward function (routed RL's is a pair router)."""
+        return build_reward(self.cfg.reward)
 
     def load_policy(self):
         """The initial policy (a transformers causal LM, before PEFT)."""
@@ -274,7 +279,12 @@ class OnlineTrainer(Trainer):
         batch = self.rollout(step)
         n = self.cfg.rollout.n
         advantages = ADVANTAGES[self.advantage](batch.rewards.view(-1, n), **self.advantage_params()).reshape(-1)
-        t_rollout = time.perf_counter() - t_start
+        return self.policy_update(batch, advantages, t_start, time.perf_counter() - t_start)
+
+    def policy_update(self, batch: RolloutBatch, advantages: torch.Tensor, t_start: float,
+                      t_rollout: float) -> dict[str, float]:
+        """The registered policy loss over the batch with one advantage row per sample, then the
+        weight sync and the step's metrics."""
 
         def loss_fn(rows, logp, entropy):
             old, mask = batch.old_logp[rows], batch.mask[rows]

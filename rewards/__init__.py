@@ -58,6 +58,9 @@ def build_reward(cfg: RewardConfig) -> RewardFn:
         return VerifiableReward(cfg.correct, cfg.incorrect)
     if cfg.type == "remote":
         return RemoteReward(cfg)
+    if cfg.type == "routed":
+        raise ConfigError("reward.type=routed scores pairs, not single responses: use it with trainer: routed_rl "
+                          "(or serve it with align serve-rm --routing)")
     if not cfg.function:
         raise ConfigError("reward.function: required with reward.type=python")
     return PythonReward(cfg.function)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import math
 import signal
@@ -30,10 +31,11 @@ from typing import Any, Callable, Union
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from alignment.config import ConfigError
+from alignment.config import BaseConfig, ConfigError, RewardConfig, RouterConfig, load_config, read_yaml
 
 log = logging.getLogger("align.serve_rm")
 
@@ -192,10 +194,11 @@ class MicroBatcher:
             return
         try:
             rewards = await asyncio.get_running_loop().run_in_executor(self._worker, self._score_fn, items)
-            rewards = [float(r) for r in rewards]
+            # a float per item (a reward), or a tuple of floats (a preference model's score, uncertainty)
+            rewards = [tuple(map(float, r)) if isinstance(r, (tuple, list)) else float(r) for r in rewards]
             if len(rewards) != len(items):
                 raise ValueError(f"the model returned {len(rewards)} rewards for {len(items)} items")
-            if not all(math.isfinite(r) for r in rewards):
+            if not all(math.isfinite(x) for r in rewards for x in (r if isinstance(r, tuple) else (r,))):
                 raise ValueError(f"the model returned a non-finite reward: {rewards}")
         except Exception as e:  # only the requests in this batch fail; the server goes on
             log.exception("scoring a batch of %d items failed", len(items))
@@ -277,24 +280,44 @@ def _check_limits(batch_size: int, max_wait_ms: float, max_request_bytes: int, m
 
 
 def create_app(scorer, api_key: str | None = None, batch_size: int = 32, max_wait_ms: float = 5.0,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_items: int = DEFAULT_MAX_ITEMS) -> FastAPI:
-    """The ASGI app around `scorer` (a `RewardScorer`, or anything with `name`, `score` and `score_texts`)."""
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_items: int = DEFAULT_MAX_ITEMS,
+               router=None) -> FastAPI:
+    """The ASGI app around `scorer`: a `RewardScorer` (anything with `name`, `score` and `score_texts`),
+    or, with `router` (a `rewards.routing.PairRouter`), its pairwise preference model: /v1/compare then
+    answers with the calibrated probability and uncertainty and routes uncertain pairs to the judge."""
     _check_limits(batch_size, max_wait_ms, max_request_bytes, max_items)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model")
-    pairs = MicroBatcher(lambda items: scorer.score([p for p, _ in items], [r for _, r in items]),
-                         worker, batch_size, max_wait_ms)
-    texts = MicroBatcher(scorer.score_texts, worker, batch_size, max_wait_ms)
+    if router is not None:  # a preference model: items are (prompt, A, B) -> (S_ab, U_ab)
+        scorer = router.scorer
+        pairs = MicroBatcher(lambda items: list(zip(*(t.tolist() for t in scorer.compare(*zip(*items))))),
+                             worker, batch_size, max_wait_ms)
+        texts = None
+        judging = ThreadPoolExecutor(max_workers=4, thread_name_prefix="judge")  # blocking judge calls
+        requests_seen = itertools.count()
+    else:
+        pairs = MicroBatcher(lambda items: scorer.score([p for p, _ in items], [r for _, r in items]),
+                             worker, batch_size, max_wait_ms)
+        texts = MicroBatcher(scorer.score_texts, worker, batch_size, max_wait_ms)
+    batchers = [b for b in (pairs, texts) if b is not None]
 
     @asynccontextmanager
     async def lifespan(app):
-        pairs.start()
-        texts.start()
-        log.info("serving reward model %s (batches of up to %d items, %g ms wait, auth %s)", scorer.name,
-                 batch_size, max_wait_ms, "on" if api_key else "off")
+        for batcher in batchers:
+            batcher.start()
+        log.info("serving %s %s (batches of up to %d items, %g ms wait, auth %s)",
+                 "preference model" if router else "reward model", scorer.name, batch_size, max_wait_ms,
+                 "on" if api_key else "off")
+        if router is not None:
+            log.info("routing: policy %s, judge %s", router.cfg.policy,
+                     router.judge.cfg.type if router.judge is not None else "none")
         yield
-        await pairs.stop()
-        await texts.stop()
+        for batcher in batchers:
+            await batcher.stop()
         worker.shutdown()
+        if router is not None:
+            judging.shutdown()
+            router.close()
+            log.info("judged %d of %d pairs, %d judge failures", router.routed, router.pairs, router.failures)
         log.info("batcher drained and stopped")
 
     app = FastAPI(title="align serve-rm", lifespan=lifespan)
@@ -321,25 +344,41 @@ def create_app(scorer, api_key: str | None = None, batch_size: int = 32, max_wai
     async def health():
         return {"status": "ok", "model": scorer.name}
 
+    def pointwise_only() -> None:
+        if router is not None:
+            raise HTTPException(400, f"{scorer.name} is a pairwise preference model: it compares two responses "
+                                     "(POST /v1/compare) and gives no reward to a single one")
+
     @app.post("/get_reward")
     async def get_reward(body: GetRewardRequest):
+        pointwise_only()
         check_count(len(body.query))
         rewards = await texts.score(body.query)
         return {"rewards": rewards, "scores": [sigmoid(r) for r in rewards], "extra_logs": {}}
 
     @app.post("/v1/score")
     async def score(body: ScoreRequest):
+        pointwise_only()
         check_count(len(body.prompts))
         rewards = await pairs.score([(_plain(p), _plain(r)) for p, r in zip(body.prompts, body.responses)])
         return {"rewards": rewards, "model": scorer.name}
 
     @app.post("/v1/compare")
     async def compare(body: CompareRequest):
-        # Answered from reward differences for now: the preference-model issue replaces this with the
-        # pairwise model's calibrated uncertainty and routes uncertain pairs to a judge (`judged`).
         count = len(body.prompts)
         check_count(count)
         prompts = [_plain(p) for p in body.prompts]
+        if router is not None:  # the preference model for every pair, the judge for the uncertain ones
+            responses_a, responses_b = [_plain(r) for r in body.responses_a], [_plain(r) for r in body.responses_b]
+            scored = await pairs.score(list(zip(prompts, responses_a, responses_b)))
+            scores = torch.tensor([s for s, _ in scored])
+            uncertainty = torch.tensor([u for _, u in scored])
+            routed = await asyncio.get_running_loop().run_in_executor(
+                judging, router.route_and_judge, prompts, responses_a, responses_b, scores, uncertainty,
+                next(requests_seen))
+            return {"prob_a": routed.prob_a, "uncertainty": routed.uncertainty.tolist(),
+                    "judged": routed.judged.tolist()}
+        # a reward model: P(A better) from the reward difference under Bradley-Terry
         rewards = await pairs.score([(p, _plain(r)) for p, r in zip(prompts, body.responses_a)]
                                     + [(p, _plain(r)) for p, r in zip(prompts, body.responses_b)])
         prob_a = [sigmoid(a - b) for a, b in zip(rewards[:count], rewards[count:])]
@@ -348,23 +387,48 @@ def create_app(scorer, api_key: str | None = None, batch_size: int = 32, max_wai
     return app
 
 
+def load_routing(path: str | Path, preference_model: str) -> RewardConfig:
+    """The `reward:` block of a judge-routing YAML (DESIGN.md), for the preference model being served."""
+    values = read_yaml(path)
+    if set(values) != {"reward"}:
+        raise ConfigError(f"{path}: a judge-routing file holds one top-level key, reward: (got {', '.join(values)})")
+    if not isinstance(values["reward"], dict):
+        raise ConfigError(f"{path}: reward: must be a mapping of routing keys")
+    block = {**values["reward"], "type": "routed", "preference_model": preference_model}
+    return load_config(BaseConfig, {"reward": block}).reward
+
+
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           batch_size: int = 32, max_wait_ms: float = 5.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          max_items: int = DEFAULT_MAX_ITEMS, log_level: str = "info") -> None:
-    """Load the reward model in `model_dir` and serve it until SIGINT / SIGTERM."""
+          max_items: int = DEFAULT_MAX_ITEMS, log_level: str = "info", routing: str | None = None) -> None:
+    """Load the reward model, or the preference model (with `routing`: its judge-routing YAML), in
+    `model_dir` and serve it until SIGINT / SIGTERM."""
     import uvicorn
 
     from alignment.models import BUILTIN_PREFIX, resolve_path
+    from rewards.preference_model import is_preference_model
     from rewards.reward_model import RewardScorer
+    from rewards.routing import PairRouter
 
     _check_limits(batch_size, max_wait_ms, max_request_bytes, max_items)  # before the slow model load
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_path(str(model_dir)) if str(model_dir).startswith(BUILTIN_PREFIX) else str(model_dir)
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"serve-rm --model: {model_dir} is not a model folder (no config.json)")
-    scorer = RewardScorer.from_dir(path, batch_size=batch_size)
+    router = None
+    if is_preference_model(path):
+        cfg = (load_routing(routing, path) if routing else
+               RewardConfig(type="routed", preference_model=path, router=RouterConfig(policy="never")))
+        cfg.batch_size = batch_size
+        router = PairRouter.from_config(cfg)
+        scorer = router.scorer
+    elif routing:
+        raise ConfigError(f"serve-rm --routing: {model_dir} is a reward model; judge routing needs a pairwise "
+                          "preference model (trainer: preference_model)")
+    else:
+        scorer = RewardScorer.from_dir(path, batch_size=batch_size)
     app = create_app(scorer, api_key=api_key, batch_size=batch_size, max_wait_ms=max_wait_ms,
-                     max_request_bytes=max_request_bytes, max_items=max_items)
+                     max_request_bytes=max_request_bytes, max_items=max_items, router=router)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM (stops accepting, lets in-flight requests
     # finish, then the lifespan drains the batchers), then re-raises the signal under the handler
     # found at start-up: a no-op there ends the process with status 0 rather than death by signal.

@@ -27,7 +27,7 @@ def test_unknown_key_names_it_and_the_nearest_valid_ones(capsys, tmp_path, tiny_
 def test_unknown_section_and_trainer_key(capsys, tmp_path, tiny_model):
     recipe = toy_recipe(tmp_path, tiny_model)
     assert "did you mean pmd.tau" in _fails(capsys, ["train", str(recipe), "pmd.taus=0.2"])
-    assert "unknown trainer 'ppo2' (valid: dpo, pmd, ppo, reward_model, sft, sr_ppo)" in _fails(capsys, ["train", str(recipe), "trainer=ppo2"])
+    assert "unknown trainer 'ppo2' (valid: dpo, pmd, ppo, preference_model, reward_model, routed_rl, sft, sr_ppo)" in _fails(capsys, ["train", str(recipe), "trainer=ppo2"])
 
 
 @pytest.mark.parametrize("override, message", [

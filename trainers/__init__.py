@@ -13,6 +13,8 @@ TRAINERS = {
     "sft": "trainers.sft:SFTTrainer",
     "ppo": "trainers.ppo:PPOTrainer",
     "sr_ppo": "trainers.self_rewarding_ppo:SelfRewardingPPOTrainer",
+    "preference_model": "trainers.preference_model:PreferenceModelTrainer",
+    "routed_rl": "trainers.routed_rl:RoutedRLTrainer",
 }
 
 
