@@ -28,6 +28,7 @@ import httpx
 from alignment.config import ConfigError, JudgeConfig
 
 log = logging.getLogger("alignment")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per judge call
 
 VERDICT_A, VERDICT_B, TIE = 1.0, -1.0, 0.0
 
@@ -146,7 +147,7 @@ class OpenAIJudge(Judge):
     def __init__(self, cfg: JudgeConfig, backoff_s: float = 0.2):
         super().__init__(cfg)
         if not cfg.model:
-            raise ConfigError("judge.model: required with judge.type=openai (the served model's name)")
+            raise ConfigError("reward.judge.model: required with reward.judge.type=openai (the served model's name)")
         self.backoff_s = backoff_s
         self.url = cfg.base_url.rstrip("/")
         api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
@@ -202,7 +203,8 @@ class LocalJudge(Judge):
     def __init__(self, cfg: JudgeConfig, seed: int = 0):
         super().__init__(cfg)
         if not cfg.model:
-            raise ConfigError(f"judge.model: required with judge.type={cfg.type} (a model folder or builtin:NAME)")
+            raise ConfigError(f"reward.judge.model: required with reward.judge.type={cfg.type} "
+                              "(a model folder or builtin:NAME)")
         import torch
 
         from alignment.config import ModelConfig, RolloutConfig
@@ -265,5 +267,5 @@ JUDGES = {"openai": OpenAIJudge, "local": LocalJudge, "generative_rm": Generativ
 
 def build_judge(cfg: JudgeConfig) -> Judge:
     if cfg.type not in JUDGES:
-        raise ConfigError(f"judge.type: unknown {cfg.type!r} (valid: {', '.join(JUDGES)})")
+        raise ConfigError(f"reward.judge.type: unknown {cfg.type!r} (valid: {', '.join(JUDGES)})")
     return JUDGES[cfg.type](cfg)

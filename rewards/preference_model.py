@@ -17,6 +17,9 @@ Choices where the reference code and the paper leave room (methods.md section 4 
 - `spectral_norm` applies a spectral-normalised residual layer to the pooled state (z = h + SN(h)),
   the textbook SNGP form, which keeps distances in h from collapsing. The reference builds such a
   layer but never calls it; `spectral_norm: false` matches the released code.
+- The random projection's scale is relative to the hidden size (std rff_scale / sqrt(H)): the
+  reference's std 0.05 is tuned for Llama-3-8B's H = 4096 (= 3.2 / sqrt(4096)); at H = 128 the same
+  std makes every pooled state look alike to the kernel.
 - Variants, to compare uncertainty estimates on the same backbone: `mc_dropout` (dropout on z, the
   logit's variance over K passes) and `ensemble` (K heads with their own random features). Both
   report u = sqrt(1 + gp_amplitude * variance) and the calibrated mean logit g_mean / u, so one

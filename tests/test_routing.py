@@ -46,10 +46,11 @@ PM_RECIPE = {"train": {"max_steps": 300, "lr": 1e-3, "batch_size": 32, "bf16": F
 
 
 def train_pm(folder: Path, model: Path, task: WordValueTask, **sections) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     recipe = {"trainer": "preference_model", "output_dir": str(folder / "pm"), "model": {"path": str(model)},
               "data": {"path": str(task.write_training_pairs(folder / "pairs.jsonl", 2000, seed=1))}}
     for key, value in {**PM_RECIPE, **sections}.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
+        recipe[key] = {**PM_RECIPE.get(key, {}), **value} if isinstance(value, dict) else value
     (folder / "pm.yaml").write_text(yaml.safe_dump(recipe))
     trainer_cls, cfg = build_config(str(folder / "pm.yaml"), [])
     trainer_cls(cfg).train()
@@ -92,14 +93,16 @@ def test_accuracy_falls_with_uncertainty_and_routing_beats_random(word_pm, score
 
     verdicts = simulated_judge(items, accuracy=0.9, seed=5)
     for budget in (0.1, 0.2, 0.3, 0.4):
-        by_uncertainty, frac = routed_accuracy(scores, uncertainty, truth, verdicts, RouterConfig("budget", budget=budget))
+        by_uncertainty, frac = routed_accuracy(scores, uncertainty, truth, verdicts,
+                                               RouterConfig("budget", budget=budget))
         random_runs = [routed_accuracy(scores, uncertainty, truth, verdicts, RouterConfig("random", budget=budget),
                                        seed=s)[0] for s in range(20)]
         assert frac == pytest.approx(budget)
         assert by_uncertainty > sum(random_runs) / len(random_runs) + 0.01, (budget, by_uncertainty, random_runs)
         # the threshold rule at the budget's uncertainty quantile routes the same pairs
         cut = float(uncertainty.sort(descending=True).values[round(budget * len(items))])
-        by_threshold, _ = routed_accuracy(scores, uncertainty, truth, verdicts, RouterConfig("threshold", threshold=cut))
+        by_threshold, _ = routed_accuracy(scores, uncertainty, truth, verdicts,
+                                          RouterConfig("threshold", threshold=cut))
         assert by_threshold == pytest.approx(by_uncertainty, abs=0.01)
 
 
@@ -134,6 +137,20 @@ def test_uncertainty_variants(tmp_path, tiny_model, variant):
     scores, uncertainty = score_items(PreferenceScorer.from_dir(path), items)
     assert (uncertainty > 1).all() and torch.isfinite(scores).all()
     assert json.loads((path / "preference_model.json").read_text())["uncertainty"] == variant
+
+
+def test_preference_model_resumes_exactly(tmp_path, tiny_model):
+    """Killed after its step-2 checkpoint and resumed, a run ends where an uninterrupted one does (the
+    head is checkpointed beside the backbone)."""
+    task = WordValueTask(seed=0)
+    sections = {"pm": {"random_features": 128}, "train": {"max_steps": 4, "save_every": 2}}
+    whole = train_pm(tmp_path / "whole", tiny_model, task, **sections)
+    train_pm(tmp_path / "cut", tiny_model, task, **{**sections, "train": {"max_steps": 2, "save_every": 2}})
+    resumed = train_pm(tmp_path / "cut", tiny_model, task, resume=True, **sections)
+    items = task.pairs(8, True, seed=2) + task.pairs(8, False, seed=3)
+    for first, second in zip(score_items(PreferenceScorer.from_dir(whole), items),
+                             score_items(PreferenceScorer.from_dir(resumed), items)):
+        torch.testing.assert_close(first, second)
 
 
 # ---- router units (a stand-in scorer and judge isolate the combination rules) --------------------

@@ -70,6 +70,7 @@ class RoutedRLTrainer(OnlineTrainer):
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Each sample's advantage; the groups' score matrices go to `batch.pair_scores`."""
+        t_start = time.perf_counter()
         index = batch.rollouts.prompt_index
         starts = [i for i in range(len(index)) if i == 0 or index[i] != index[i - 1]]
         bounds = list(zip(starts, starts[1:] + [len(index)]))
@@ -80,6 +81,7 @@ class RoutedRLTrainer(OnlineTrainer):
         scores, stats = self.reward_fn.group_scores([batch.samples[a].prompt for a, _ in bounds], groups, passed,
                                                     self.current_step, global_batch=True)
         stats["router/judge_failures"] *= self.world  # metrics are averaged over ranks: report the step's total
+        stats["time/reward_s"] = time.perf_counter() - t_start  # preference model + router + judge (within rollout_s)
         batch.stats.update(stats)
         estimator = ADVANTAGES[self.advantage]
         advantages = torch.cat([estimator(s, self.cfg.routed.scale) if len(s) > 1 else torch.zeros(len(s))
