@@ -77,7 +77,6 @@ class RolloutBatch:
     rewards: torch.Tensor | None = None  # (B,)
     old_logp: torch.Tensor | None = None  # (B, R) the generating policy, training precision
     token_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, R) under frozen models, by name
-    pair_scores: torch.Tensor | None = None  # (prompts, n, n) antisymmetric pair scores (routed RL)
     stats: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. by the reward)
 
     def rows(self, rows: slice) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ class RoutedRLTrainer(OnlineTrainer):
         return {"clip": self.cfg.routed.clip}
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Each sample's advantage; the groups' score matrices go to `batch.pair_scores`."""
+        """Each sample's advantage, from its group's routed pair scores (the registered estimator)."""
         t_start = time.perf_counter()
         index = batch.rollouts.prompt_index
         starts = [i for i in range(len(index)) if i == 0 or index[i] != index[i - 1]]
@@ -86,8 +86,6 @@ class RoutedRLTrainer(OnlineTrainer):
         estimator = ADVANTAGES[self.advantage]
         advantages = torch.cat([estimator(s, self.cfg.routed.scale) if len(s) > 1 else torch.zeros(len(s))
                                 for s in scores]) if scores else torch.zeros(0)
-        if len({len(g) for g in groups}) == 1 and scores:
-            batch.pair_scores = torch.stack(scores)
         limit = self.cfg.routed.max_advantage
         return advantages.clamp(-limit, limit).to(self.backend.device)
 
