@@ -192,6 +192,14 @@ class Backend:
         else:
             yield
 
+    def gather(self, obj) -> list:
+        """`obj` from every rank, in rank order (every rank calls)."""
+        if self.world_size == 1:
+            return [obj]
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, obj)
+        return everyone
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average metrics over ranks."""
         if self.world_size == 1 or not values:

@@ -169,10 +169,7 @@ class PairwiseTrainer(OfflineTrainer):
             batch = mine[start:start + self.eval_batch_size]
             delta = r3m_delta(self.margins(batch)[0], self.loss_params()["lam"])
             rows += [{"index": p.index, "delta": float(d), "flagged": bool(d > 0)} for p, d in zip(batch, delta)]
-        everyone = [rows]
-        if self.world > 1:
-            everyone = [None] * self.world
-            torch.distributed.all_gather_object(everyone, rows)
+        everyone = self.backend.gather(rows)
         if self.backend.is_main:
             rows = sorted((r for part in everyone for r in part), key=lambda r: r["index"])
             (out / "outliers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

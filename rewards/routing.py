@@ -56,7 +56,6 @@ class Routed:
     scores: torch.Tensor  # (P,) S_ab: the preference model's, or the judge's where judged
     uncertainty: torch.Tensor  # (P,) U_ab
     judged: torch.Tensor  # (P,) bool: the judge's verdict replaced the score
-    routed: torch.Tensor  # (P,) bool: sent to the judge (judged, or failed)
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -124,7 +123,7 @@ class PairRouter:
         stats = {"router/judge_frac": float(routed.float().mean()) if len(scores) else 0.0,
                  "router/judge_failures": float(failures),
                  "router/uncertainty_mean": float(uncertainty.mean()) if len(scores) else 0.0}
-        return Routed(scores, uncertainty, judged, routed, stats)
+        return Routed(scores, uncertainty, judged, stats)
 
     def group_scores(self, prompts: list, groups: list[list[str]], passed: list[list[bool]] | None = None,
                      step: int = 0, global_batch: bool = False) -> tuple[list[torch.Tensor], dict[str, float]]:

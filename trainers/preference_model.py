@@ -162,10 +162,7 @@ class PreferenceModelTrainer(PairwiseTrainer):
                 g, u = self.module.predict(**self.encode(batch))
                 n = len(batch)
                 rows += list(zip(((g[:n] - g[n:]) / 2 > 0).tolist(), ((u[:n] + u[n:]) / 2).tolist()))
-        everyone = [rows]
-        if self.world > 1:
-            everyone = [None] * self.world
-            dist.all_gather_object(everyone, rows)
+        everyone = self.backend.gather(rows)
         if not self.backend.is_main:
             return
         rows = sorted((r for part in everyone for r in part), key=lambda r: r[1])
