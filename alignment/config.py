@@ -116,7 +116,7 @@ class PeftConfig:
 
 @dataclass
 class JudgeConfig:
-    """A strong LLM judge of pairs (rewards/judges.py); verdicts A / B / tie."""
+    """A strong LLM judge of pairs (rewards/judges.py), or a Think-RM generative RM; verdicts A / B / tie."""
 
     type: Literal["openai", "local", "generative_rm"] = "openai"
     # openai: any OpenAI-compatible chat-completions server (`vllm serve`, a hosted API)
@@ -133,6 +133,12 @@ class JudgeConfig:
     # then says "tie"; costs two calls per pair
     position_swap: bool = False
     backend: Literal["hf", "vllm"] = "hf"  # local / generative_rm: the engine that runs the judge model
+    # the prompt and answer format: label (<label>1|2|0</label>), or Think-RM's binary (<answer>A</answer>)
+    # / multiclass (<answer>-3..3</answer>); None: label for openai / local, and for generative_rm the
+    # format saved with the model (genrm.json), else binary
+    verdict: Literal["label", "binary", "multiclass"] | None = None
+    think_prefill: bool | None = None  # binary / multiclass: open the reply with "<think>\n" (None: the model's)
+    criteria: str = ""  # the judging criteria of the system message ("": six HelpSteer2-style criteria)
 
 
 @dataclass
@@ -146,7 +152,8 @@ class RouterConfig:
 
 @dataclass
 class RewardConfig:
-    type: Literal["verifiable", "python", "remote", "routed"] = "verifiable"
+    # none: no pointwise reward (pairwise_rlhf, whose judge compares pairs, then monitors nothing)
+    type: Literal["verifiable", "python", "remote", "routed", "none"] = "verifiable"
     correct: float = 1.0  # verifiable: PMD's verl recipe scores +1 / -1
     incorrect: float = -1.0
     function: str | None = None  # python: "path/to/file.py:fn" or "package.module:fn"

@@ -90,7 +90,7 @@ class OnlineTrainer(Trainer):
         self.check_config()
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
+        self.train_set, self.eval_set = self.load_data()
         self.reward_fn = self.build_reward()
         lm = self.load_policy()
         engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
@@ -123,6 +123,10 @@ class OnlineTrainer(Trainer):
     policy_loss: str = ""
     epochs = 1  # passes over each rollout batch
 
+    def load_data(self) -> tuple[list[Example], list[Example]]:
+        """(train, held-out) prompts."""
+        return load_prompts(self.cfg.data, self.cfg.seed)
+
     def build_reward(self):
         """What `score` uses: the configured reward function (routed RL's is a pair router)."""
         return build_reward(self.cfg.reward)
@@ -146,6 +150,10 @@ class OnlineTrainer(Trainer):
         return {}
 
     def loss_params(self) -> dict:
+        return {}
+
+    def loss_inputs(self, batch: RolloutBatch, rows: slice) -> dict[str, torch.Tensor]:
+        """Per-row tensors the policy loss takes besides the shared ones (GRPO's reference log-probs)."""
         return {}
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -276,9 +284,13 @@ class OnlineTrainer(Trainer):
         """Roll out -> sequence advantages (registered estimator) -> registered policy loss."""
         t_start = time.perf_counter()
         batch = self.rollout(step)
-        n = self.cfg.rollout.n
-        advantages = ADVANTAGES[self.advantage](batch.rewards.view(-1, n), **self.advantage_params()).reshape(-1)
+        advantages = self.advantages(batch)
         return self.policy_update(batch, advantages, t_start, time.perf_counter() - t_start)
+
+    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        """One advantage per sample: the registered estimator over each prompt's group of rewards."""
+        n = self.cfg.rollout.n
+        return ADVANTAGES[self.advantage](batch.rewards.view(-1, n), **self.advantage_params()).reshape(-1)
 
     def policy_update(self, batch: RolloutBatch, advantages: torch.Tensor, t_start: float,
                       t_rollout: float) -> dict[str, float]:
@@ -287,7 +299,8 @@ class OnlineTrainer(Trainer):
 
         def loss_fn(rows, logp, entropy):
             old, mask = batch.old_logp[rows], batch.mask[rows]
-            loss, stats = POLICY_LOSSES[self.policy_loss](logp, old, advantages[rows], mask, **self.loss_params())
+            loss, stats = POLICY_LOSSES[self.policy_loss](logp, old, advantages[rows], mask, **self.loss_params(),
+                                                          **self.loss_inputs(batch, rows))
             return loss, {"kl": float(masked_mean(kl_k3(old, logp.detach()), mask)),
                           "entropy": float(masked_mean(entropy, mask)), **stats}
 

@@ -61,6 +61,9 @@ def build_reward(cfg: RewardConfig) -> RewardFn:
     if cfg.type == "routed":
         raise ConfigError("reward.type=routed scores pairs, not single responses: use it with trainer: routed_rl "
                           "(or serve it with align serve-rm --routing)")
+    if cfg.type == "none":
+        raise ConfigError("reward.type=none gives no reward: only trainer: pairwise_rlhf (whose judge compares the "
+                          "responses) accepts it")
     if not cfg.function:
         raise ConfigError("reward.function: required with reward.type=python")
     return PythonReward(cfg.function)

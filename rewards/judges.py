@@ -10,8 +10,12 @@ position ends at 0.
 Backends (`JudgeConfig.type`):
 - `openai`: any OpenAI-compatible chat-completions server (`vllm serve`, a hosted API);
 - `local`: a judge model run in process on our rollout engine (hf or vllm), same prompt and parser;
-- `generative_rm`: a Think-RM style generative reward model on the same engine, with its own prompt
-  (`<answer>A</answer>` / `<answer>B</answer>`) and parser.
+- `generative_rm`: a Think-RM generative reward model (trainer: think_rm) on the same engine.
+
+The format (`judge.verdict`): `label` asks for <label>1|2|0</label>; `binary` / `multiclass` are
+Think-RM's <answer> formats (rewards/generative.py), so a GenRM served by `vllm serve` is an `openai`
+judge with `verdict: binary`. Each call's output text is kept (`judge()`), for Think-RM's
+length-weighted pairwise strengths.
 """
 
 from __future__ import annotations
@@ -22,26 +26,18 @@ import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 
 from alignment.config import ConfigError, JudgeConfig
+from alignment.models import resolve_path
+from rewards.generative import GenRMFormat, encode_judge_prompt, judge_messages
 
 log = logging.getLogger("alignment")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per judge call
 
 VERDICT_A, VERDICT_B, TIE = 1.0, -1.0, 0.0
-
-CRITERIA = """You are an impartial judge. Two AI assistants answered the same conversation; decide whose \
-final response serves the user better. Weigh these criteria:
-1. Helpfulness: does the response do what the user actually asked, and move them forward?
-2. Correctness: are its facts, reasoning, calculations and code right, with nothing important left out?
-3. Coherence: is it clear, consistent and easy to follow from start to end?
-4. Complexity: does it bring the depth of knowledge or skill the task calls for (no more, no less)?
-5. Verbosity: does its length and amount of detail fit the request, neither padded nor too terse?
-6. Safety: does it stay free of harmful, toxic, deceptive or illegal content?
-Judge the content alone: the order in which the responses appear, their length by itself and the \
-assistants' names must not sway you."""
 
 LABEL_INSTRUCTION = """Reason about the two responses first if that helps. Then end your reply with exactly \
 one of these labels and nothing after it:
@@ -49,32 +45,9 @@ one of these labels and nothing after it:
 <label>2</label> if Assistant B's response is better,
 <label>0</label> if you cannot tell which is better."""
 
-ANSWER_INSTRUCTION = """Think step by step about how the two responses compare on these criteria. Then end \
-your reply with <answer>A</answer> if Assistant A's response is better, or <answer>B</answer> if \
-Assistant B's response is better."""
-
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _LABEL = re.compile(r"<label>\s*(.*?)\s*</label>", re.DOTALL)
 _LABEL_VERDICTS = {"1": VERDICT_A, "2": VERDICT_B, "0": TIE}
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_CHOICE = re.compile(r"\b(A|B)\b")
-
-
-def _context(prompt: str | list[dict]) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-def judge_messages(prompt: str | list[dict], response_a: str, response_b: str, *,
-                   instruction: str = LABEL_INSTRUCTION) -> list[dict]:
-    """Chat messages asking for a verdict on (A, B): the criteria and the answer format in the system
-    message, the conversation and both responses between markers in the user message. A chat-message
-    prompt is rendered as "role: content" lines."""
-    user = (f"[The Start of Context]\n{_context(prompt)}\n[The End of Context]\n\n"
-            f"[The Start of Assistant A's Response]\n{response_a}\n[The End of Assistant A's Response]\n\n"
-            f"[The Start of Assistant B's Response]\n{response_b}\n[The End of Assistant B's Response]")
-    return [{"role": "system", "content": f"{CRITERIA}\n\n{instruction}"}, {"role": "user", "content": user}]
 
 
 def _strip_thinking(text: str) -> str:
@@ -89,45 +62,86 @@ def parse_verdict(text: str) -> float | None:
     return _LABEL_VERDICTS.get(labels[-1]) if labels else None
 
 
+class LabelFormat:
+    """The default judge format: the shared judge prompt asking for <label>1|2|0</label>."""
+
+    prefill = ""
+
+    def __init__(self, criteria: str = ""):
+        self.criteria = criteria
+
+    def messages(self, prompt, response_a: str, response_b: str) -> list[dict]:
+        return judge_messages(prompt, response_a, response_b, instruction=LABEL_INSTRUCTION, criteria=self.criteria)
+
+    parse = staticmethod(parse_verdict)
+
+
+def judge_format(cfg: JudgeConfig) -> LabelFormat | GenRMFormat:
+    """`judge.verdict`: label for openai / local judges, binary or multiclass for a GenRM. Unset, it
+    is label for openai / local, and for generative_rm the format saved with the model (genrm.json,
+    written by `trainer: think_rm`), else binary; `think_prefill` and `criteria` likewise."""
+    verdict = cfg.verdict or ("label" if cfg.type != "generative_rm" else None)
+    if verdict == "label":
+        return LabelFormat(cfg.criteria)
+    folder = resolve_path(cfg.model) if cfg.type == "generative_rm" and cfg.model else None
+    return GenRMFormat.of_model(folder, verdict=verdict, think_prefill=cfg.think_prefill,
+                                criteria=cfg.criteria or None)
+
+
+@dataclass
+class Judgement:
+    """One judge call on (A, B)."""
+
+    verdict: float | None  # in [-1, 1], > 0: A better; None: no valid verdict
+    text: str = ""  # the judge's output ("" when the call failed)
+    reason: str = ""  # why there is no verdict
+
+
 class Judge:
     """`compare(prompts, responses_a, responses_b) -> list[float | None]` (+1 A better, -1 B better,
-    0 tie, None: no valid verdict). Backends implement `_ask`, one (verdict, failure reason) per pair;
-    `messages` and `parse` are the prompt format and its parser."""
-
-    messages = staticmethod(judge_messages)
-    parse = staticmethod(parse_verdict)
+    0 tie, None: no valid verdict); `judge(...)` gives each call's `Judgement` (verdict and output
+    text) without position swap. Backends implement `_ask`, one Judgement per pair; `fmt` is the
+    prompt format and its parser (`judge_format`)."""
 
     def __init__(self, cfg: JudgeConfig):
         self.cfg = cfg
+        self.fmt = judge_format(cfg)
         self.calls = 0  # judge calls made (both orders count with position_swap)
         self.failures = 0  # calls that gave no verdict
 
     def compare(self, prompts: list, responses_a: list[str], responses_b: list[str]) -> list[float | None]:
+        if not self.cfg.position_swap:
+            return [j.verdict for j in self.judge(prompts, responses_a, responses_b)]
+        # Both orders in one batch; v_ba is a verdict on (B, A), so A's advantage there is -v_ba.
+        n = len(prompts)
+        both = [j.verdict for j in self.judge(list(prompts) * 2, list(responses_a) + list(responses_b),
+                                              list(responses_b) + list(responses_a))]
+        return [None if ab is None or ba is None else (ab - ba) / 2 for ab, ba in zip(both[:n], both[n:])]
+
+    def judge(self, prompts: list, responses_a: list[str], responses_b: list[str]) -> list[Judgement]:
+        """One call per pair, in the order given."""
         if not len(prompts) == len(responses_a) == len(responses_b):
             raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} responses_a and {len(responses_b)} "
                              "responses_b (one pair per prompt)")
-        if not prompts:
+        if not len(prompts):
             return []
-        prompts, responses_a, responses_b = list(prompts), list(responses_a), list(responses_b)
-        if not self.cfg.position_swap:
-            return self._judge(prompts, responses_a, responses_b)
-        # Both orders in one batch; v_ba is a verdict on (B, A), so A's advantage there is -v_ba.
-        n = len(prompts)
-        both = self._judge(prompts * 2, responses_a + responses_b, responses_b + responses_a)
-        return [None if ab is None or ba is None else (ab - ba) / 2 for ab, ba in zip(both[:n], both[n:])]
-
-    def _judge(self, prompts, responses_a, responses_b) -> list[float | None]:
-        results = self._ask(prompts, responses_a, responses_b)
+        results = self._ask(list(prompts), list(responses_a), list(responses_b))
         self.calls += len(results)
-        reasons = [reason for verdict, reason in results if verdict is None]
+        reasons = [j.reason for j in results if j.verdict is None]
         self.failures += len(reasons)
-        if reasons:  # one line per compare(), however many calls failed
+        if reasons:  # one line per call batch, however many calls failed
             kinds = Counter(reason.split(": ", 1)[0] for reason in reasons)  # e.g. "HTTP 500" x3
             log.warning("judge (%s): %d of %d calls gave no verdict (%s); e.g. %s", self.cfg.type, len(reasons),
                         len(results), ", ".join(f"{k} x{c}" for k, c in kinds.most_common(3)), reasons[0])
-        return [verdict for verdict, _ in results]
+        return results
 
-    def _ask(self, prompts, responses_a, responses_b) -> list[tuple[float | None, str]]:
+    def _read(self, text: str, finish: str = "") -> Judgement:
+        verdict = self.fmt.parse(text)
+        where = f" ({finish})" if finish else ""
+        return Judgement(verdict, text, "" if verdict is not None else
+                         f"no verdict in the output{where}: {_shorten(text, 80)!r}")
+
+    def _ask(self, prompts, responses_a, responses_b) -> list[Judgement]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -161,11 +175,14 @@ class OpenAIJudge(Judge):
         self._http.close()
 
     def _ask(self, prompts, responses_a, responses_b):
-        return list(self._pool.map(self._call, map(self.messages, prompts, responses_a, responses_b)))
+        return list(self._pool.map(self._call, map(self.fmt.messages, prompts, responses_a, responses_b)))
 
-    def _call(self, messages: list[dict]) -> tuple[float | None, str]:
+    def _call(self, messages: list[dict]) -> Judgement:
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens}
+        if self.fmt.prefill:  # vLLM's extension: the reply continues an assistant turn opened with the prefill
+            body.update(messages=messages + [{"role": "assistant", "content": self.fmt.prefill}],
+                        continue_final_message=True, add_generation_prompt=False)
         attempts = self.cfg.retries + 1
         last_error = ""
         for attempt in range(attempts):
@@ -180,20 +197,19 @@ class OpenAIJudge(Judge):
                 last_error = f"HTTP {response.status_code}: {_shorten(response.text, 80)}"
                 continue
             if response.status_code >= 400:  # our request is wrong: asking again cannot help
-                return None, f"HTTP {response.status_code}: {_shorten(response.text, 80)}"
+                return Judgement(None, reason=f"HTTP {response.status_code}: {_shorten(response.text, 80)}")
             return self._read_reply(response)
-        return None, f"no reply after {attempts} attempts: {last_error}"
+        return Judgement(None, reason=f"no reply after {attempts} attempts: {last_error}")
 
-    def _read_reply(self, response: httpx.Response) -> tuple[float | None, str]:
+    def _read_reply(self, response: httpx.Response) -> Judgement:
         try:
             # a reasoning server may put its thinking in message.reasoning_content: only content is read
             content = response.json()["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            return None, f"malformed reply ({type(e).__name__}): {_shorten(response.text, 80)!r}"
+            return Judgement(None, reason=f"malformed reply ({type(e).__name__}): {_shorten(response.text, 80)!r}")
         if not isinstance(content, str) or not content.strip():
-            return None, "empty message content"
-        verdict = self.parse(content)
-        return verdict, "" if verdict is not None else f"no verdict in the reply: {_shorten(content, 80)!r}"
+            return Judgement(None, reason="empty message content")
+        return self._read(content)
 
 
 class LocalJudge(Judge):
@@ -220,46 +236,21 @@ class LocalJudge(Judge):
                                   seed=seed, hf_copy=hf_copy)
         self.seed = seed
 
-    def _encode(self, messages: list[dict]) -> list[int]:
-        if self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding or a plain list
-        text = "\n\n".join(m["content"] for m in messages)  # a base model without a template
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
     def _ask(self, prompts, responses_a, responses_b):
         from alignment.rollout import SamplingParams
 
-        ids = [self._encode(self.messages(p, a, b)) for p, a, b in zip(prompts, responses_a, responses_b)]
+        ids = [encode_judge_prompt(self.tokenizer, self.fmt.messages(p, a, b), self.fmt.prefill)
+               for p, a, b in zip(prompts, responses_a, responses_b)]
         sampling = SamplingParams(n=1, max_new_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                                   top_p=self.cfg.top_p, seed=self.seed)
         rollouts = self.engine.generate(ids, sampling, prompt_uids=list(range(len(ids))))
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        results = []
-        for text, finish in zip(texts, rollouts.finish_reasons):
-            verdict = self.parse(text)
-            results.append((verdict, "" if verdict is not None else
-                            f"no verdict in the output ({finish}): {_shorten(text, 80)!r}"))
-        return results
-
-
-def _answer_instruction_messages(prompt, response_a, response_b) -> list[dict]:
-    return judge_messages(prompt, response_a, response_b, instruction=ANSWER_INSTRUCTION)
-
-
-def parse_answer(text: str) -> float | None:
-    """The last <answer>...</answer> block; inside it the last standalone A or B -> +1 / -1; else None."""
-    blocks = _ANSWER.findall(text)
-    choices = _ANSWER_CHOICE.findall(blocks[-1]) if blocks else []
-    return (VERDICT_A if choices[-1] == "A" else VERDICT_B) if choices else None
+        return [self._read(text, finish) for text, finish in zip(texts, rollouts.finish_reasons)]
 
 
 class GenerativeRMJudge(LocalJudge):
-    """A Think-RM style generative reward model: it reasons, then answers <answer>A</answer> or
-    <answer>B</answer>. Replace `messages` / `parse` for another output format (e.g. scores -3..3)."""
-
-    messages = staticmethod(_answer_instruction_messages)
-    parse = staticmethod(parse_answer)
+    """A Think-RM generative reward model on our engine: it reasons, then answers <answer>A</answer> /
+    <answer>B</answer> (binary) or a score -3..3 (multiclass), in the format saved with the model."""
 
 
 JUDGES = {"openai": OpenAIJudge, "local": LocalJudge, "generative_rm": GenerativeRMJudge}

@@ -16,10 +16,11 @@ def write_prompts(path: Path, count: int = 32) -> Path:
     return path
 
 
-def toy_recipe(folder: Path, model: Path, **sections) -> Path:
-    """A PMD recipe on the toy vowel reward; `sections` update the YAML (e.g. train={...})."""
+def toy_recipe(folder: Path, model: Path, trainer: str = "pmd", **sections) -> Path:
+    """A recipe on the toy vowel reward (PMD's by default); `sections` update the YAML (e.g. train={...})."""
+    folder.mkdir(parents=True, exist_ok=True)
     recipe = {
-        "trainer": "pmd",
+        "trainer": trainer,
         "output_dir": str(folder / "run"),
         "model": {"path": str(model)},
         "data": {"source": "file", "path": str(write_prompts(folder / "prompts.jsonl")),
@@ -27,8 +28,9 @@ def toy_recipe(folder: Path, model: Path, **sections) -> Path:
         "rollout": {"n": 4, "max_new_tokens": 8},
         "train": {"max_steps": 2, "lr": 1e-3, "batch_size": 4, "mini_batches": 2, "bf16": False},
         "reward": {"type": "python", "function": str(REPO / "tests" / "toy_rewards.py") + ":vowels"},
-        "pmd": {"tau": 0.1},
     }
+    if trainer == "pmd":
+        recipe["pmd"] = {"tau": 0.1}
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / "recipe.yaml"

@@ -11,6 +11,11 @@ choices[0].message.content (and a decoy opposite label in message.reasoning_cont
 must not parse). With accuracy < 1 the verdict is wrong with that probability, decided per request
 from (seed, request text), so the same request always gets the same answer.
 
+A request whose system message asks for Think-RM's binary format (`<answer>A</answer>`) is answered in
+it: "<think>...</think>\n<answer>A</answer>"; there a tie becomes a coin flip (seeded per request) and a
+wrong answer the other letter. `rule(response_a, response_b) -> 1 | 2 | 0` replaces the integer rule
+(e.g. a gold reward for pairwise RLHF).
+
 Modes: ok; always_a (label 1 whatever the pair); slow (waits `slow_s` before answering); error500;
 error400; garbage (200, text without a label); badjson (200, a body that is not JSON); empty (200,
 content null); flaky (the first call of each distinct request gets 503, later ones are ok).
@@ -51,11 +56,12 @@ class JudgeServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # a slow handler must not hold up stop()
 
-    def __init__(self, mode: str, accuracy: float, seed: int, delay_s: float, slow_s: float):
+    def __init__(self, mode: str, accuracy: float, seed: int, delay_s: float, slow_s: float, rule=rule_verdict):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (valid: {', '.join(MODES)})")
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode, self.accuracy, self.seed, self.delay_s, self.slow_s = mode, accuracy, seed, delay_s, slow_s
+        self.rule = rule
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.requests = 0  # chat-completion requests received
@@ -90,16 +96,17 @@ class JudgeServer(http.server.ThreadingHTTPServer):
             self._seen.add(key)
             return new
 
-    def label_for(self, user_text: str) -> int:
+    def label_for(self, user_text: str, binary: bool = False) -> int:
         sections = [p.search(user_text) for p in (_CONTEXT, _RESPONSE_A, _RESPONSE_B)]
         if any(s is None for s in sections):
             return -1  # not the judge layout
         context, a, b = (s.group(1) for s in sections)
-        label = rule_verdict(a, b)
-        if self.accuracy < 1.0:
-            rng = random.Random(f"{self.seed}|{context}|{a}|{b}")
-            if rng.random() >= self.accuracy:  # wrong answer: one of the other two labels
-                label = rng.choice([x for x in (0, 1, 2) if x != label])
+        label = self.rule(a, b)
+        rng = random.Random(f"{self.seed}|{context}|{a}|{b}")
+        if binary and label == 0:
+            label = rng.choice([1, 2])
+        if self.accuracy < 1.0 and rng.random() >= self.accuracy:  # a wrong answer
+            label = 3 - label if binary else rng.choice([x for x in (0, 1, 2) if x != label])
         return label
 
 
@@ -171,13 +178,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif mode == "flaky" and server.first_time(raw):
             self._json(503, {"error": {"message": "overloaded, try again"}})
             return
-        label = 1 if mode == "always_a" else server.label_for(user)
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        binary = "<answer>A</answer>" in system
+        label = 1 if mode == "always_a" else server.label_for(user, binary)
         if mode == "garbage":
             content, thinking = "I would rather not say which one is better.", None
         elif mode == "empty":
             content, thinking = None, "thinking only"
         elif label < 0:
             content, thinking = "I cannot find the two responses.", None
+        elif binary:
+            content, thinking = f"<think>\nThe rule prefers {'AB'[label - 1]}.\n</think>\n<answer>{'AB'[label - 1]}</answer>", None
         else:
             decoy = 3 - label if label else 1  # a wrong label where a client must not look
             thinking = f"Comparing the first numbers of the two responses. <label>{decoy}</label>"
@@ -190,8 +201,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def start_judge_server(mode: str = "ok", accuracy: float = 1.0, seed: int = 0, delay_s: float = 0.0,
-                       slow_s: float = 5.0) -> tuple[str, JudgeServer]:
+                       slow_s: float = 5.0, rule=rule_verdict) -> tuple[str, JudgeServer]:
     """Start a judge server on a free loopback port, served by a background thread of this process.
     `delay_s`: wait before every answer (to overlap requests); `slow_s`: the wait in mode "slow"."""
-    server = JudgeServer(mode, accuracy, seed, delay_s, slow_s)
+    server = JudgeServer(mode, accuracy, seed, delay_s, slow_s, rule)
     return server.base_url, server

@@ -10,8 +10,9 @@ import socket
 import pytest
 
 from alignment.config import ConfigError, JudgeConfig
-from rewards.judges import (TIE, VERDICT_A, VERDICT_B, GenerativeRMJudge, LocalJudge, OpenAIJudge, build_judge,
-                            judge_messages, parse_answer, parse_verdict)
+from rewards.generative import GenRMFormat
+from rewards.judges import (TIE, VERDICT_A, VERDICT_B, GenerativeRMJudge, LabelFormat, LocalJudge, OpenAIJudge,
+                            build_judge, parse_verdict)
 from tests.judge_server import rule_verdict, start_judge_server
 
 # (prompt, A, B) and the rule server's verdict: the response with the larger first integer wins
@@ -57,22 +58,8 @@ def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
 
 
-@pytest.mark.parametrize("text, verdict", [
-    ("<answer>B</answer>", VERDICT_B),
-    ("thinking... <answer>A</answer>", VERDICT_A),
-    ("<answer>A</answer> wait, no: <answer>Assistant B</answer>", VERDICT_B),  # the last block
-    ("<answer>A, no, B</answer>", VERDICT_B),  # the last choice inside it
-    ("<answer>C</answer>", None),
-    ("<answer>Assistant</answer>", None),  # no standalone A / B
-    ("B is better", None),
-])
-def test_parse_answer(text, verdict):
-    assert parse_answer(text) == verdict
-    assert GenerativeRMJudge.parse(text) == verdict
-
-
 def test_judge_messages_layout():
-    system, user = judge_messages("What is 2+2?", "4", "5")
+    system, user = LabelFormat().messages("What is 2+2?", "4", "5")
     assert system["role"] == "system" and user["role"] == "user"
     for criterion in ("Helpfulness", "Correctness", "Coherence", "Complexity", "Verbosity", "Safety"):
         assert criterion in system["content"]
@@ -83,9 +70,9 @@ def test_judge_messages_layout():
         "[The Start of Assistant A's Response]\n4\n[The End of Assistant A's Response]\n\n"
         "[The Start of Assistant B's Response]\n5\n[The End of Assistant B's Response]")
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    assert judge_messages(chat, "4", "5")[1]["content"].startswith(
+    assert LabelFormat().messages(chat, "4", "5")[1]["content"].startswith(
         "[The Start of Context]\nsystem: Be brief.\nuser: 2+2?\n[The End of Context]\n\n")
-    grm_system = GenerativeRMJudge.messages("q", "a", "b")[0]["content"]
+    grm_system = GenRMFormat().messages("q", "a", "b")[0]["content"]  # Think-RM's binary format (tests/test_genrm.py)
     assert "<answer>A</answer>" in grm_system and "<answer>B</answer>" in grm_system
     assert "<label>" not in grm_system and "Safety" in grm_system
 

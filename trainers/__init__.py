@@ -15,6 +15,9 @@ TRAINERS = {
     "sr_ppo": "trainers.self_rewarding_ppo:SelfRewardingPPOTrainer",
     "preference_model": "trainers.preference_model:PreferenceModelTrainer",
     "routed_rl": "trainers.routed_rl:RoutedRLTrainer",
+    "grpo": "trainers.grpo:GRPOTrainer",
+    "think_rm": "trainers.think_rm:ThinkRMTrainer",
+    "pairwise_rlhf": "trainers.pairwise_rlhf:PairwiseRLHFTrainer",
 }
 
 

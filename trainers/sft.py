@@ -42,10 +42,13 @@ class SFTTrainer(OfflineTrainer):
         self.module = PolicyModel(lm, self.cfg.train.bf16)
         return lm
 
+    def encode(self, demos) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt (context) and completion (target) token ids of each row."""
+        return encode_conversations(self.tokenizer, [d.prompt for d in demos], [d.completion for d in demos],
+                                    self.cfg.data.chat_template, self.cfg.sft.max_length)
+
     def _token_nll(self, demos):
-        prompts, responses = encode_conversations(self.tokenizer, [d.prompt for d in demos],
-                                                  [d.completion for d in demos], self.cfg.data.chat_template,
-                                                  self.cfg.sft.max_length)
+        prompts, responses = self.encode(demos)
         batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
         logp, _ = self.backend(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                batch["response_mask"].shape[1])

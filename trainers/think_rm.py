@@ -1,0 +1,140 @@
+"""Think-RM (`trainer: think_rm`): a generative reward model that reasons at length, then gives a
+pairwise verdict (Hong et al., NeurIPS 2025; format in rewards/generative.py). Two stages:
+
+    align train configs/think_rm_sft.yaml      # think_rm.stage: sft, on teacher reasoning
+    align train configs/think_rm_rl.yaml       # think_rm.stage: rl, from the SFT model, labels only
+
+1. **SFT warm-up** on long chain-of-thought judgements, rows `{"prompt", "response_a", "response_b",
+   "reasoning", "label"}` (`rewards.generative.build_sft_examples` makes them from preference pairs
+   and a teacher, keeping the longest correct trace per pair). The prompt is the judge prompt (with
+   "<think>\\n" prefilled when `think_prefill`); the target is the reasoning, </think>, and the
+   <answer>; plain NLL on the target (trainers/sft.py).
+2. **Rule-based RL**: GRPO (trainers/grpo.py: group-normalised advantage, clipped loss, low_var_kl
+   KL loss) on the same judge prompts, rewarded by the verdict: binary 1 if right, else 0;
+   multiclass 1 exact, 0.5 right side, 0 otherwise (unparsable: 0, counted in
+   `genrm/parse_fail_frac`). Rows need no reasoning.
+
+Both stages write `final/genrm.json` (verdict type, prefill, criteria): the RL stage and a
+`generative_rm` judge on the model read it, so every stage asks the way the model learned.
+`think_rm.verdict`, `think_rm.think_prefill` and `think_rm.criteria` override it. Held-out: the RL
+stage reports `eval/accuracy` (right side), `eval/reward` and `eval/parse_fail_frac` from greedy
+verdicts; the SFT stage `eval/loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignment.data import Example
+from alignment.models import resolve_path
+from alignment.online import RolloutBatch
+from alignment.rollout import SamplingParams
+from rewards.generative import GenRMFormat, encode_judge_prompt, load_comparisons, verdict_reward
+from trainers.grpo import GRPOConfig, GRPOTrainer
+from trainers.sft import SFTOptions, SFTTrainer
+
+
+@dataclass
+class ThinkRMOptions:
+    stage: Literal["sft", "rl"] = "sft"
+    # None: as saved with model.path (genrm.json), else binary / prefilled / the default criteria
+    verdict: Literal["binary", "multiclass"] | None = None
+    think_prefill: bool | None = None
+    criteria: str = ""  # the judging criteria ("": the six HelpSteer2-style criteria)
+
+
+@dataclass
+class ThinkRMConfig(GRPOConfig):
+    trainer: str = "think_rm"
+    think_rm: ThinkRMOptions = field(default_factory=ThinkRMOptions)
+    sft: SFTOptions = field(default_factory=SFTOptions)  # the SFT stage's max_length
+
+
+def genrm_format(cfg: ThinkRMConfig) -> GenRMFormat:
+    o = cfg.think_rm
+    return GenRMFormat.of_model(resolve_path(cfg.model.path), verdict=o.verdict, think_prefill=o.think_prefill,
+                                criteria=o.criteria or None)
+
+
+class ThinkRMSFT(SFTTrainer):
+    """Stage 1: next-token NLL on the teacher's reasoning and verdict."""
+
+    config_class = ThinkRMConfig
+
+    def __init__(self, cfg: ThinkRMConfig):
+        self.fmt = genrm_format(cfg)
+        super().__init__(cfg)
+
+    def load_data(self):
+        return load_comparisons(self.cfg.data, self.fmt, self.cfg.seed, reasoning=True)
+
+    def encode(self, rows):
+        ids = [self.fmt.sft_ids(self.tokenizer, c, self.cfg.sft.max_length) for c in rows]
+        return [p for p, _ in ids], [t for _, t in ids]
+
+    def finish(self, out: Path) -> None:
+        if self.backend.is_main:
+            self.fmt.save(out / "final")
+
+
+class ThinkRMRL(GRPOTrainer):
+    """Stage 2: GRPO on judge prompts with the rule-based verdict reward."""
+
+    config_class = ThinkRMConfig
+
+    def __init__(self, cfg: ThinkRMConfig):
+        self.fmt = genrm_format(cfg)
+        super().__init__(cfg)
+
+    def load_data(self):
+        # A prompt is the judge's chat messages; its answer the gold strength (> 0: A better).
+        train, held_out = load_comparisons(self.cfg.data, self.fmt, self.cfg.seed, reasoning=False)
+        return tuple([Example(self.fmt.messages(c.prompt, c.response_a, c.response_b), answer=c.strength)
+                      for c in rows] for rows in (train, held_out))
+
+    def encode(self, prompt) -> list[int]:
+        return encode_judge_prompt(self.tokenizer, prompt, self.fmt.prefill)
+
+    def build_reward(self):
+        def reward(examples: list[Example], texts: list[str]) -> list[float]:
+            return [verdict_reward(self.fmt.strength(t), e.answer) for e, t in zip(examples, texts)]
+        return reward
+
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        batch.stats["genrm/parse_fail_frac"] = sum(self.fmt.strength(t) is None for t in batch.texts) / max(
+            len(batch.texts), 1)
+        return super().score(batch)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy verdicts on the held-out comparisons."""
+        if not self.eval_set:
+            return {}
+        shard = self.eval_set[self.rank::self.world]
+        sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
+        rollouts = self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
+        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        strengths = [self.fmt.strength(t) for t in texts]
+        totals = self.backend.mean({
+            "count": len(shard),
+            "reward": sum(verdict_reward(s, e.answer) for s, e in zip(strengths, shard)),
+            "accuracy": sum(s is not None and (s > 0) == (e.answer > 0) for s, e in zip(strengths, shard)),
+            "parse_fail_frac": sum(s is None for s in strengths),
+        })
+        count = max(totals.pop("count"), 1)
+        return {f"eval/{key}": value / count for key, value in totals.items()}
+
+    finish = ThinkRMSFT.finish
+
+
+class ThinkRMTrainer:
+    """`trainer: think_rm`: the stage named by `think_rm.stage`."""
+
+    config_class = ThinkRMConfig
+
+    def __new__(cls, cfg: ThinkRMConfig):
+        return (ThinkRMSFT if cfg.think_rm.stage == "sft" else ThinkRMRL)(cfg)
