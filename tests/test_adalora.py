@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from alignment.logging import read_metrics
 from tests import adalora_toy as toy
@@ -66,12 +65,7 @@ ADALORA = {"type": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 
 
 
 def _online_recipe(tmp_path, model, trainer):
-    path = toy_recipe(tmp_path, model, trainer=trainer, peft=ADALORA, train={"max_steps": 3})
-    if trainer == "ppo":
-        values = yaml.safe_load(path.read_text())
-        del values["pmd"]
-        path.write_text(yaml.safe_dump(values))
-    return path
+    return toy_recipe(tmp_path, model, trainer=trainer, peft=ADALORA, train={"max_steps": 3})
 
 
 @pytest.mark.parametrize("trainer", ["sft", "reward_model", "dpo", "pmd", "ppo"])

@@ -95,12 +95,7 @@ def test_deepspeed_launcher_two_processes_zero3(reference, tmp_path):
 def test_ppo_two_processes_zero2_match_one_process(tmp_path, tiny_model):
     """PPO's critic gets its own DeepSpeed engine and whitening uses global statistics: 2 ranks
     reproduce one process."""
-    import yaml
-
     recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"epochs": 2, "critic_lr": 1e-3})
-    values = yaml.safe_load(recipe.read_text())
-    del values["pmd"]
-    recipe.write_text(yaml.safe_dump(values))
     assert run_align("train", str(recipe), f"output_dir={tmp_path / 'one'}").returncode == 0
     proc = run_align("train", str(recipe), f"output_dir={tmp_path / 'two'}",
                      launcher=ACCELERATE + ["--config_file", "launch/zero2.yaml", "--num_processes", "2",

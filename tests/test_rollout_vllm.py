@@ -177,13 +177,8 @@ def test_pmd_steps_end_to_end_on_vllm(one_process_run):
 
 def test_ppo_steps_end_to_end_on_vllm(tmp_path, tiny_model):
     """PPO (critic, reference, several epochs) on the same engine path: every update reaches vLLM."""
-    import yaml
-
     recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"epochs": 2, "critic_lr": 1e-3},
                         rollout={"backend": "vllm", "n": 4, "max_new_tokens": 8, "vllm": {"max_model_len": 512}})
-    values = yaml.safe_load(recipe.read_text())
-    del values["pmd"]
-    recipe.write_text(yaml.safe_dump(values))
     proc = run_align("train", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
