@@ -61,6 +61,33 @@ class VLLMConfig:
 
 
 @dataclass
+class KVCompressionConfig:
+    """rollout.kv_compression (hf backend): GEAR or KIVI-style KV-cache compression
+    (alignment/compression/gear.py). The defaults store about a third of the fp16 cache at 4 bits."""
+
+    type: Literal["none", "gear", "kivi"] = "none"  # kivi: quantisation only (rank, loops, outlier_frac unused)
+    bits: int = 4  # 2, 3, 4 or 8
+    group: int = 128  # quantisation group: tokens per channel (keys), channels of a head per token (values)
+    buffer: int = 128  # full-precision recent tokens; each time this many accumulate, they become one block
+    rank: int = 2  # low-rank correction per (sequence, head, block)
+    loops: int = 3  # subspace (power) iterations for the low-rank factors
+    outlier_frac: float = 0.01  # fraction of entries kept exactly as sparse outliers
+
+    def __post_init__(self):
+        checks = {
+            "bits": (self.bits in (2, 3, 4, 8), "one of 2, 3, 4, 8"),
+            "group": (self.group >= 1, "a positive integer"),
+            "buffer": (self.buffer >= 1, "a positive integer"),
+            "rank": (self.rank >= 0, ">= 0"),
+            "loops": (self.loops >= 1, ">= 1"),
+            "outlier_frac": (0.0 <= self.outlier_frac < 0.5, "in [0, 0.5)"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"rollout.kv_compression.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+
+@dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
     n: int = 8  # samples per prompt
@@ -71,6 +98,12 @@ class RolloutConfig:
     # fp32 (hf always verifies in fp32), 1.0 for bf16/fp16 vLLM engines (gross failures only).
     sync_tolerance: float | None = None
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
+
+    def __post_init__(self):
+        if self.backend == "vllm" and self.kv_compression.type != "none":
+            raise ConfigError("rollout.kv_compression: works on the hf backend only (vLLM has its own paged "
+                              "cache; set rollout.backend=hf or kv_compression.type=none)")
 
 
 @dataclass

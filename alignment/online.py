@@ -278,6 +278,8 @@ class OnlineTrainer(Trainer):
             "time/sync_s": t_sync,
             "perf/tokens_per_s": float(batch.inputs["attention_mask"].sum()) * self.world / elapsed,
         })
+        if self.cfg.rollout.kv_compression.type != "none":
+            metrics["gear/kv_bytes"] = float(batch.rollouts.kv_bytes)
         return self.backend.mean(metrics)
 
     def step(self, step: int) -> dict[str, float]:
@@ -308,13 +310,17 @@ class OnlineTrainer(Trainer):
         return self.step_metrics(batch, stats, t_start, t_rollout)
 
     @torch.no_grad()
+    def greedy_eval_rollouts(self) -> tuple[list[Example], Rollouts]:
+        """This rank's share of the held-out prompts and their greedy rollouts."""
+        shard = self.eval_set[self.rank::self.world]
+        sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
+        return shard, self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
+
     def evaluate(self) -> dict[str, float]:
         """Greedy reward (and accuracy, where answers are checkable) on the held-out prompts."""
         if not self.eval_set:
             return {}
-        shard = self.eval_set[self.rank::self.world]
-        sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
-        rollouts = self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
+        shard, rollouts = self.greedy_eval_rollouts()
         batch = self.make_batch(shard, rollouts) if shard else None
         texts = batch.texts if shard else []
         sums = {"count": len(shard), "reward": float(batch.rewards.sum()) if shard else 0.0}

@@ -32,7 +32,6 @@ import torch
 from alignment.data import Example
 from alignment.models import resolve_path
 from alignment.online import RolloutBatch
-from alignment.rollout import SamplingParams
 from rewards.generative import GenRMFormat, encode_judge_prompt, load_comparisons, verdict_reward
 from trainers.grpo import GRPOConfig, GRPOTrainer
 from trainers.sft import SFTOptions, SFTTrainer
@@ -114,9 +113,7 @@ class ThinkRMRL(GRPOTrainer):
         """Greedy verdicts on the held-out comparisons."""
         if not self.eval_set:
             return {}
-        shard = self.eval_set[self.rank::self.world]
-        sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
-        rollouts = self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
+        shard, rollouts = self.greedy_eval_rollouts()
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
         strengths = [self.fmt.strength(t) for t in texts]
         totals = self.backend.mean({

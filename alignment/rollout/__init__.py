@@ -41,6 +41,7 @@ class Rollouts:
     logprobs: list[torch.Tensor] = field(default_factory=list)  # fp32, one per response token
     finish_reasons: list[str] = field(default_factory=list)  # "stop" (EOS) or "length"
     prompt_index: list[int] = field(default_factory=list)  # position of the prompt in the request
+    kv_bytes: int = 0  # hf backend: bytes the KV cache held at the end of its largest generate batch
 
 
 @dataclass
@@ -100,7 +101,7 @@ def make_engine(rollout: RolloutConfig, model: ModelConfig, tokenizer, bf16: boo
     if rollout.backend == "hf":
         from alignment.rollout.hf import HFEngine
 
-        return HFEngine(hf_copy, tokenizer, bf16=bf16)
+        return HFEngine(hf_copy, tokenizer, bf16=bf16, kv_compression=rollout.kv_compression)
     if rollout.backend == "vllm":
         from alignment.models import resolve_path
         from alignment.rollout.vllm import VLLMEngine

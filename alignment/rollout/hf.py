@@ -3,14 +3,17 @@
 The engine owns its own copy of the weights (as vLLM does), so weight sync is a real push that is
 verified like any other backend's. Tokens are chosen by a logits processor that draws Gumbel noise
 from one generator per sample (seeded per prompt uid and sample index) and records the log-prob of
-the chosen token from the raw logits; `generate` then runs greedy over the processed scores.
+the chosen token from the raw logits; `generate` then runs greedy over the processed scores. The KV cache is
+transformers' DynamicCache, or GEAR / KIVI compressed (`rollout.kv_compression`).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from alignment.compression.gear import cache_nbytes, make_kv_cache
+from alignment.config import KVCompressionConfig
 from alignment.models import autocast, pack, token_logprobs
 from alignment.rollout import RolloutEngine, Rollouts, SamplingParams, sample_seed
 
@@ -43,7 +46,8 @@ class SeededSampler(LogitsProcessor):
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, model, tokenizer, bf16: bool = True, max_batch: int = 64):
+    def __init__(self, model, tokenizer, bf16: bool = True, max_batch: int = 64,
+                 kv_compression: KVCompressionConfig | None = None):
         # Parameters keep requires_grad=True (the engine only ever runs under no_grad): autocast
         # caches its bf16 copies of such leaf weights for a whole generate call instead of
         # re-casting every weight at every decode step (2x faster decoding on CPU).
@@ -52,6 +56,7 @@ class HFEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.bf16 = bf16
         self.max_batch = max_batch
+        self.kv_compression = kv_compression or KVCompressionConfig()
         self.pad_id = tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -80,16 +85,17 @@ class HFEngine(RolloutEngine):
             sampler = SeededSampler(seeds, sampling.temperature, sampling.top_p)
             with autocast(self.bf16):
                 # The n samples of a prompt share its prefill: run it once, then repeat the cache.
-                cache = DynamicCache(config=self.model.config)
+                cache = make_kv_cache(self.kv_compression, self.model.config, left_pad=(mask == 0).sum(-1))
                 if p_len > 1:
                     self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                position_ids=batch["position_ids"][:, : p_len - 1], past_key_values=cache)
-                    cache.batch_repeat_interleave(n)
+                cache.batch_repeat_interleave(n)
                 sequences = self.model.generate(
                     input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                     past_key_values=cache, generation_config=config,
                     logits_processor=LogitsProcessorList([sampler]),
                 )
+            out.kv_bytes = max(out.kv_bytes, cache_nbytes(cache))
             new_tokens = sequences[:, p_len:].cpu()
             chosen_lp = torch.stack(sampler.chosen_logprobs, 1).cpu()
             for row in range(len(seeds)):
