@@ -10,9 +10,11 @@ same noise: a compressed run produces the uncompressed run's tokens until a pert
 an argmax. Each configuration runs in its own process (one after the other), which measures:
   - kv bytes: what the cache objects hold at the end of generation (`Rollouts.kv_bytes`), and the
     ratio to an fp16 cache of the same tokens (on CPU the uncompressed cache is fp32: bf16 autocast
-    leaves RoPE's multiply, and so the cached keys and values, in fp32);
+    leaves RoPE's multiply, and so the cached keys and values, in fp32; the compressed caches keep
+    their buffer in fp16);
   - peak memory: the highest RSS during `generate` minus the RSS just before it (sampled every
-    2 ms from /proc/self/statm), after a warm-up generate;
+    2 ms from /proc/self/statm), after a warm-up generate, with glibc told to unmap freed blocks
+    over 128 KiB (otherwise RSS keeps the allocator's high-water mark of transient tensors);
   - tokens/s of `generate`;
   - agreement: leading tokens equal to the uncompressed run's, per sample, and the fraction of
     samples that match it entirely;
@@ -24,6 +26,7 @@ an argmax. Each configuration runs in its own process (one after the other), whi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,8 +49,6 @@ CONFIGS = [("none", 0, {}), ("kivi", 4, {}), ("gear", 4, {}), ("kivi", 2, {}), (
 
 
 def _rss_bytes() -> int:
-    import os
-
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -157,7 +158,10 @@ def child(kind: str, bits: int, extra: dict, quick: bool, reference_file: str) -
 def _run_child(kind: str, bits: int, extra: dict, quick: bool, reference_file: str) -> dict:
     code = (f"import json; from benchmarks.gear import child; "
             f"print('RESULT ' + json.dumps(child({kind!r}, {bits}, {extra!r}, {quick}, {reference_file!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    # glibc returns freed blocks over 128 KiB to the OS at once, so RSS follows live memory rather
+    # than the allocator's high-water mark (the same setting for every configuration)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"gear benchmark child {_key(kind, bits, extra)} failed:\n{proc.stderr[-3000:]}")

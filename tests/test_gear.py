@@ -113,7 +113,8 @@ def test_blocks_are_compressed_once_and_the_new_tokens_are_returned_exactly():
     stream(layer, keys[:, :, :40], values[:, :, :40], prompt=20)
     first_codes = layer.stored_keys.quant.codes.clone()
     out_keys, out_values = layer.update(keys[:, :, 40:41], values[:, :, 40:41])
-    assert torch.equal(out_keys[:, :, 32:], keys[:, :, 32:41])  # the buffer and the new token, exact
+    assert torch.equal(out_keys[:, :, 40:], keys[:, :, 40:41])  # the new token, exact
+    assert torch.equal(out_keys[:, :, 32:40], keys[:, :, 32:40].half().float())  # the buffer, in fp16
     for t in range(41, 70):
         layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
     assert layer.stored_keys.quant.codes.shape[2] == 4  # 64 of 70 tokens in 4 blocks, 6 in the buffer

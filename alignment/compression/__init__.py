@@ -1,1 +1,1 @@
-"""Efficiency options: AdaLoRA's budget schedule (adalora) and, later, GEAR KV-cache compression."""
+"""Efficiency options: AdaLoRA's budget schedule (adalora) and GEAR / KIVI KV-cache compression (gear)."""

@@ -246,7 +246,12 @@ class CompressedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.keys, self.values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
+        # the buffer is fp16, as the paper's, when the model hands over fp32 (CPU autocast leaves
+        # RoPE, and so the keys and values, in fp32)
+        self.buffer_dtype = torch.float16 if key_states.dtype == torch.float32 else key_states.dtype
+        self.keys = key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1], dtype=self.buffer_dtype)
+        self.values = value_states.new_empty(*value_states.shape[:-2], 0, value_states.shape[-1],
+                                             dtype=self.buffer_dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         # compression runs in fp32 whatever autocast the model runs under (bf16 matmuls would blur
@@ -259,11 +264,12 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         buffer_start = self.cumulative_length - self.keys.shape[-2]
         self.cumulative_length += key_states.shape[-2]
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        dtype = key_states.dtype
+        keys = torch.cat([self.keys.to(dtype), key_states], dim=-2)
+        values = torch.cat([self.values.to(dtype), value_states], dim=-2)
         # attention in this call sees the tokens it adds exactly; the stored ones decompressed
         if self.stored_keys is not None:
-            old_keys, old_values = self._decompressed(keys.dtype)
+            old_keys, old_values = self._decompressed(dtype)
             out = torch.cat([old_keys, keys], -2), torch.cat([old_values, values], -2)
         else:
             out = keys, values
@@ -273,8 +279,8 @@ class CompressedLayer(DynamicLayer):
             new_values = self._compress(self._fill_padding(values[..., :full, :], buffer_start), transpose=False)
             self.stored_keys = _concat(self.stored_keys, new_keys, dim=2)
             self.stored_values = _concat(self.stored_values, new_values, dim=2)
-            keys, values = keys[..., full:, :].clone(), values[..., full:, :].clone()
-        self.keys, self.values = keys, values
+        self.keys = keys[..., full:, :].to(self.buffer_dtype, copy=True)
+        self.values = values[..., full:, :].to(self.buffer_dtype, copy=True)
         return out
 
     def get_seq_length(self) -> int:
