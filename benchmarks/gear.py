@@ -12,15 +12,17 @@ an argmax. Each configuration runs in its own process (one after the other), whi
     ratio to an fp16 cache of the same tokens (on CPU the uncompressed cache is fp32: bf16 autocast
     leaves RoPE's multiply, and so the cached keys and values, in fp32; the compressed caches keep
     their buffer in fp16);
-  - peak memory: the highest RSS during `generate` minus the RSS just before it (sampled every
-    2 ms from /proc/self/statm), after a warm-up generate, with glibc told to unmap freed blocks
+  - peak memory: the highest anonymous RSS during `generate` minus that just before it (sampled
+    every 2 ms from /proc/self/status), after a warm-up generate, with glibc told to unmap freed blocks
     over 128 KiB (otherwise RSS keeps the allocator's high-water mark of transient tensors);
   - tokens/s of `generate`;
   - agreement: leading tokens equal to the uncompressed run's, per sample, and the fraction of
     samples that match it entirely;
   - log-prob difference: mean and max |rollout log-prob - full-precision recompute| per token on
     the run's own tokens (`rollout/logprob_diff` of a training step: the quantity RL cares about);
-  - KL: per-step KL(uncompressed || compressed), teacher-forced on 2 uncompressed rollouts (fp32).
+  - KL and top-1: per-step KL(uncompressed || compressed) and how often both caches pick the same
+    most likely token, teacher-forced on 2 uncompressed rollouts (fp32), so one early difference does
+    not decide the rest (leading agreement under sampling does: it ends at the first near-tie).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ CONFIGS = [("none", 0, {}), ("kivi", 4, {}), ("gear", 4, {}), ("kivi", 2, {}), (
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Anonymous resident memory (heap and anonymous maps: where tensors live; not the model file's pages)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 class PeakRSS:
@@ -145,13 +148,15 @@ def child(kind: str, bits: int, extra: dict, quick: bool, reference_file: str) -
         agree.append(next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref))))
     out["agreement_tokens"] = agree
     out["identical_frac"] = sum(m == r for m, r in zip(rollouts.response_ids, reference)) / len(reference)
-    kls = []
+    kls, top1 = [], []
     for prompt, response in zip(prompts[:2], reference[:2]):
         ids = torch.tensor([prompt + response])
         ref_logits = stepwise_logits(model, ids, len(prompt), make_kv_cache(KVCompressionConfig(), model.config))
         got = stepwise_logits(model, ids, len(prompt), make_kv_cache(spec, model.config))
         kls.append((ref_logits.softmax(-1) * (ref_logits.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean())
+        top1.append((ref_logits.argmax(-1) == got.argmax(-1)).float().mean())
     out["kl_per_step"] = float(torch.stack(kls).mean())
+    out["top1_agreement"] = float(torch.stack(top1).mean())
     return out
 
 
@@ -189,11 +194,12 @@ def main(quick: bool = False) -> dict:
             f"{r['identical_frac']:.2f}" if agree else "-",
             f"{r['logprob_diff_mean']:.4f}", f"{r['logprob_diff_max']:.2f}",
             f"{r['kl_per_step']:.4f}" if agree else "-",
+            f"{r['top1_agreement']:.3f}" if agree else "-",
         ])
     print(f"uncompressed cache dtype: {base['cache_dtype']}; 'vs fp16' divides an fp16 cache of the same tokens "
           f"({base['fp16_bytes'] / 2**20:.2f} MiB) by the cache's bytes")
     header = ["cache", "kv MiB", "vs fp16", "peak MiB", "tokens/s", "agree tok", "identical", "|dlogp| mean",
-              "|dlogp| max", "KL/step"]
+              "|dlogp| max", "KL/step", "top-1 agree"]
     print(C.table(rows, header))
     for r in results.values():
         r.pop("response_ids")
