@@ -151,20 +151,22 @@ def compress(x: torch.Tensor, bits: int, group: int, rank: int = 0, loops: int =
              outlier_frac: float = 0.0) -> Compressed:
     """Compress matrices (..., R, L) whose rows (length L) are the quantisation rows."""
     out = Compressed(quant=None)
-    flat = x.float().flatten(-2)
-    n_outliers = round(outlier_frac * flat.shape[-1])
-    rows = x.float()
+    exact = x.float()
+    entries = exact.shape[-2] * exact.shape[-1]
+    n_outliers = round(outlier_frac * entries)
+    rows = exact
     if n_outliers:
-        mean = rows.mean(-1, keepdim=True)
-        spread = ((rows - mean).abs() / (rows.std(-1, correction=0, keepdim=True) + 1e-6)).flatten(-2)
+        mean = exact.mean(-1, keepdim=True)
+        spread = ((exact - mean).abs() / (exact.std(-1, correction=0, keepdim=True) + 1e-6)).flatten(-2)
         index = spread.topk(n_outliers, -1).indices
-        out.outlier_values = x.flatten(-2).gather(-1, index).half()
-        out.outlier_index = index.to(torch.int16 if flat.shape[-1] <= 32767 else torch.int32)
-        rows = flat.scatter(-1, index, mean.expand_as(rows).flatten(-2).gather(-1, index)).view_as(rows)
+        out.outlier_values = exact.flatten(-2).gather(-1, index).half()
+        out.outlier_index = index.to(torch.int16 if entries <= 32767 else torch.int32)
+        filled = mean.expand_as(exact).flatten(-2).gather(-1, index)
+        rows = exact.flatten(-2).scatter(-1, index, filled).view_as(exact)
     out.quant = quantize(rows, bits, group)
     if rank:
         approx = Compressed(out.quant, out.outlier_values, out.outlier_index).decompress()
-        q, p = low_rank(x.float() - approx, rank, loops)
+        q, p = low_rank(exact - approx, rank, loops)
         (out.q, q_scale), (out.p, p_scale) = _int8_columns(q), _int8_columns(p)
         out.factor_scale = (q_scale * p_scale).half()
     return out
@@ -194,11 +196,11 @@ def _map_tensors(obj, fn):
 
 
 def _concat(a: Compressed | None, b: Compressed, dim: int) -> Compressed:
+    """Blocks of b appended to those of a (same structure, fields in the same order)."""
     if a is None:
         return b
-    flat_a, flat_b = _tensors(a), iter(_tensors(b))
-    pairs = {id(t): torch.cat([t, next(flat_b)], dim) for t in flat_a}
-    return _map_tensors(a, lambda t: pairs[id(t)])
+    rest = iter(_tensors(b))
+    return _map_tensors(a, lambda t: torch.cat([t, next(rest)], dim))
 
 
 # ---- the transformers cache ----------------------------------------------------------------
