@@ -87,8 +87,11 @@ class HFEngine(RolloutEngine):
                 # The n samples of a prompt share its prefill: run it once, then repeat the cache.
                 cache = make_kv_cache(self.kv_compression, self.model.config, left_pad=(mask == 0).sum(-1))
                 if p_len > 1:
+                    # only the cache is wanted: logits_to_keep=1 spares full-vocabulary logits for
+                    # every prompt position (16 prompts x 45 tokens x 49k vocabulary = 141 MB in fp32)
                     self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                               position_ids=batch["position_ids"][:, : p_len - 1], past_key_values=cache)
+                               position_ids=batch["position_ids"][:, : p_len - 1], past_key_values=cache,
+                               logits_to_keep=1)
                 cache.batch_repeat_interleave(n)
                 sequences = self.model.generate(
                     input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
