@@ -309,13 +309,13 @@ class OnlineTrainer(Trainer):
         stats = self.train_policy(batch, None, loss_fn)
         return self.step_metrics(batch, stats, t_start, t_rollout)
 
-    @torch.no_grad()
     def greedy_eval_rollouts(self) -> tuple[list[Example], Rollouts]:
         """This rank's share of the held-out prompts and their greedy rollouts."""
         shard = self.eval_set[self.rank::self.world]
         sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
         return shard, self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy reward (and accuracy, where answers are checkable) on the held-out prompts."""
         if not self.eval_set:

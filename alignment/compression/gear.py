@@ -294,7 +294,7 @@ class CompressedLayer(DynamicLayer):
         for stored in (self.stored_keys, self.stored_values):
             if stored is not None:
                 held += _tensors(stored)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
+        return sum(t.nbytes for t in held if t is not None)
 
     def _map_batch(self, fn) -> None:
         if self.left_pad is not None:
@@ -349,7 +349,7 @@ def cache_nbytes(cache: Cache) -> int:
         if isinstance(layer, CompressedLayer):
             total += layer.nbytes
         elif layer.is_initialized:
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            total += layer.keys.nbytes + layer.values.nbytes
     return total
 
 
