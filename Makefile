@@ -1,5 +1,6 @@
 # make demo: a real PMD-mean training run, offline, on the embedded SmolLM2-135M-Instruct.
-# make test: the test suite. Both create the virtual environment on first use.
+# make test: the test suite without the slow tier (learning checks, launches, README commands; ~9 min
+# on 2 cores); make test-slow: that tier; CI (.ci/run) runs both. All create the environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -8,8 +9,10 @@ STAMP := $(VENV)/.installed
 # (e.g. TORCH_CPU_ARGS="--index-url <your PyTorch CPU wheel index>").
 TORCH_CPU_ARGS ?=
 DEMO_STEPS ?= 40
+# more overrides for the demo run, e.g. make demo DEMO_ARGS="rollout.n=8"
+DEMO_ARGS ?=
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-slow bench env clean
 
 env: $(STAMP)
 
@@ -37,10 +40,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(VENV)/bin/align train configs/pmd_chain_sum.yaml output_dir=runs/demo train.max_steps=$(DEMO_STEPS) \
-		train.save_every=$(DEMO_STEPS) train.eval_every=0
+		train.save_every=$(DEMO_STEPS) train.eval_every=0 $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -q -m slow
 
 bench: $(STAMP)
 	$(VENV)/bin/align bench pmd_vs_trl_grpo

@@ -215,7 +215,9 @@ def token_logprobs(
         hidden = lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-    hidden = hidden[:, -response_len - 1: -1]
+    # contiguous: on a strided slice, a frozen model's linear runs as a batched matmul with the LM head
+    # expanded per row, about 10x slower on CPU than the single matmul it gets here
+    hidden = hidden[:, -response_len - 1: -1].contiguous()
     with autocast(False):
         logits = lm.get_output_embeddings()(hidden.float())
     targets = input_ids[:, -response_len:]

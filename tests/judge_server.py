@@ -56,10 +56,11 @@ class JudgeServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # a slow handler must not hold up stop()
 
-    def __init__(self, mode: str, accuracy: float, seed: int, delay_s: float, slow_s: float, rule=rule_verdict):
+    def __init__(self, mode: str, accuracy: float, seed: int, delay_s: float, slow_s: float, rule=rule_verdict,
+                 port: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (valid: {', '.join(MODES)})")
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
         self.mode, self.accuracy, self.seed, self.delay_s, self.slow_s = mode, accuracy, seed, delay_s, slow_s
         self.rule = rule
         self.lock = threading.Lock()
@@ -201,8 +202,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def start_judge_server(mode: str = "ok", accuracy: float = 1.0, seed: int = 0, delay_s: float = 0.0,
-                       slow_s: float = 5.0, rule=rule_verdict) -> tuple[str, JudgeServer]:
-    """Start a judge server on a free loopback port, served by a background thread of this process.
-    `delay_s`: wait before every answer (to overlap requests); `slow_s`: the wait in mode "slow"."""
-    server = JudgeServer(mode, accuracy, seed, delay_s, slow_s, rule)
+                       slow_s: float = 5.0, rule=rule_verdict, port: int = 0) -> tuple[str, JudgeServer]:
+    """Start a judge server on a loopback port (0: a free one), served by a background thread of this
+    process. `delay_s`: wait before every answer (to overlap requests); `slow_s`: the wait in mode "slow"."""
+    server = JudgeServer(mode, accuracy, seed, delay_s, slow_s, rule, port)
     return server.base_url, server

@@ -68,19 +68,44 @@ def _online_recipe(tmp_path, model, trainer):
     return toy_recipe(tmp_path, model, trainer=trainer, peft=ADALORA, train={"max_steps": 3})
 
 
+def _masks_follow_importance(checkpoint: Path) -> None:
+    """The singular triplets kept at the checkpoint's re-allocation are the most important ones by the
+    scores saved with it: peft's triplet score, s(lambda_k) + mean_j s(P_jk) + mean_j s(Q_kj), with
+    s = EMA sensitivity x EMA uncertainty of |w * grad|."""
+    import torch
+
+    state = torch.load(checkpoint / "adalora.pt", weights_only=True)
+    pattern, sensitivity, uncertainty = state["rank_pattern"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    assert pattern, "no re-allocation before the checkpoint"
+    kept, masked = [], []
+    for lam, keep in pattern.items():
+        score = {part: sensitivity[lam.replace("lora_E", part)] * uncertainty[lam.replace("lora_E", part)]
+                 for part in ("lora_E", "lora_A", "lora_B")}
+        triplets = score["lora_E"].view(-1) + score["lora_A"].mean(1) + score["lora_B"].mean(0)
+        for value, k in zip(triplets.tolist(), keep):
+            (kept if k else masked).append(value)
+    assert kept and masked and min(kept) > max(masked) > 0, (min(kept), max(masked))
+
+
 @pytest.mark.parametrize("trainer", ["sft", "reward_model", "dpo", "pmd", "ppo"])
 def test_every_trainer_drives_the_budget(tmp_path, tiny_model, trainer):
+    # Online: 3 steps x 2 mini-batches = 6 optimizer steps; offline: 6 steps. Either way the budget is
+    # re-allocated at optimizer steps 2 and 3 (between tinit and total - tfinal) and fixed from step 4;
+    # the checkpoint after optimizer step 3 holds the scores and rank pattern of that re-allocation.
     if trainer in ("pmd", "ppo"):
-        path = _online_recipe(tmp_path, tiny_model, trainer)
+        path, checkpoint = _online_recipe(tmp_path, tiny_model, trainer), "step-2"
+        args = ["train.save_every=2"]
     else:
         data = _write_demos(tmp_path) if trainer == "sft" else {}
-        path = recipe(tmp_path, tiny_model, trainer, peft=ADALORA, data=data, train={"max_steps": 4})
-    proc = run_align("train", str(path))
+        path = recipe(tmp_path, tiny_model, trainer, peft=ADALORA, data=data, train={"max_steps": 6})
+        checkpoint, args = "step-4", ["train.save_every=4"]
+    proc = run_align("train", str(path), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
     matrices = 14  # tiny Llama: 2 layers x (q, k, v, o, gate, up, down)
     assert rows[0]["adalora/budget"] > rows[-1]["adalora/budget"] == ADALORA["target_r"] * matrices
     assert rows[-1]["adalora/rank"] == ADALORA["target_r"] * matrices
+    _masks_follow_importance(tmp_path / "run" / "checkpoints" / checkpoint)
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 

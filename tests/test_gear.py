@@ -196,15 +196,48 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_gear_4_bit_generation_follows_the_uncompressed_cache(smollm2, uncompressed):
-    gear4 = greedy(smollm2, KVCompressionConfig(type="gear", bits=4, **SMALL_BLOCKS))
-    kivi2 = greedy(smollm2, KVCompressionConfig(type="kivi", bits=2, **SMALL_BLOCKS))  # GEAR 2-bit, no recovery
-    agree_gear = [agreement(a, b) for a, b in zip(gear4.response_ids, uncompressed.response_ids)]
-    agree_kivi = [agreement(a, b) for a, b in zip(kivi2.response_ids, uncompressed.response_ids)]
-    assert sum(agree_gear) >= 60 and sum(agree_gear) >= 3 * sum(agree_kivi), (agree_gear, agree_kivi)
-    assert 0 < gear4.kv_bytes < 0.6 * uncompressed.kv_bytes
+@pytest.mark.slow
+def test_gear_generation_follows_the_uncompressed_cache_further_than_kivi_at_equal_bits(smollm2, uncompressed):
+    """2 bits, where the paper shows GEAR's error recovery (rank 4, 2 % outliers) against KIVI."""
+    gear = greedy(smollm2, KVCompressionConfig(type="gear", bits=2, **SMALL_BLOCKS, **GEAR_2_BIT))
+    kivi = greedy(smollm2, KVCompressionConfig(type="kivi", bits=2, **SMALL_BLOCKS))
+    agree_gear = [agreement(a, b) for a, b in zip(gear.response_ids, uncompressed.response_ids)]
+    agree_kivi = [agreement(a, b) for a, b in zip(kivi.response_ids, uncompressed.response_ids)]
+    # Measured (leading tokens shared with the uncompressed greedy text, of 53/47/56): GEAR 15/2/16,
+    # KIVI 4/0/7. (At 4 bits both follow it closely, up to a near-tie: GEAR 44/2/56, KIVI 45/47/56.)
+    assert sum(agree_gear) >= 20 and sum(agree_gear) >= 2 * sum(agree_kivi), (agree_gear, agree_kivi)
+    assert 0 < gear.kv_bytes < 0.25 * uncompressed.kv_bytes  # measured 0.19 of the engine's fp32 cache
 
 
+@pytest.mark.slow
+def test_rollout_logprobs_are_closer_to_training_with_gear_than_kivi(smollm2):
+    """What RL sees (rollout/logprob_diff): the gap between the log-probs the engine samples with and
+    the full-precision model's on the same tokens, at 2 and at 4 bits."""
+    tokenizer, model, prompts = smollm2
+    gap = {}
+    for kind in ("none", "gear", "kivi"):
+        for bits in (2, 4):
+            extra = {**SMALL_BLOCKS, **(GEAR_2_BIT if (kind, bits) == ("gear", 2) else {})} if kind != "none" else {}
+            spec = KVCompressionConfig(type=kind, bits=bits, **extra)
+            engine = HFEngine(model, tokenizer, bf16=False, kv_compression=spec)
+            out = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=64, temperature=1.0, seed=0))
+            diffs = []
+            for prompt, response, logprobs in zip(prompts, out.response_ids, out.logprobs):
+                with torch.no_grad():
+                    logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+                exact = logits.log_softmax(-1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+                diffs.append((exact - logprobs.float()).abs())
+            gap[(kind, bits)] = float(torch.cat(diffs).mean())
+            if kind == "none":
+                break
+    # Measured: uncompressed 0.0000, GEAR 0.352 / 0.060, KIVI 0.617 / 0.087 (2 / 4 bits).
+    assert gap[("none", 2)] < 1e-3, gap
+    assert gap[("gear", 2)] < 0.75 * gap[("kivi", 2)], gap
+    assert gap[("gear", 4)] < 0.85 * gap[("kivi", 4)], gap
+    assert gap[("gear", 4)] < 0.2 * gap[("gear", 2)], gap
+
+
+@pytest.mark.slow
 def test_gear_logits_are_closer_to_the_uncompressed_cache_than_kivi(smollm2, uncompressed):
     """Per-step KL(uncompressed || compressed), teacher-forced on the uncompressed greedy tokens."""
     tokenizer, model, prompts = smollm2

@@ -77,15 +77,6 @@ def kl_pmd(pi_t: list[float], r: list[float], tau: float) -> list[float]:
     return [v / sum(z) for v in z]
 
 
-def test_lambertw_helper():
-    # The helper is trusted by the population tests below, so check it against its definition.
-    assert lambertw_exp(0.0) == pytest.approx(0.5671432904097838, abs=1e-15)  # omega constant
-    assert lambertw_exp(1.0) == pytest.approx(1.0, abs=1e-15)  # W(e) = 1
-    for s in (-30.0, -3.0, -0.2, 0.7, 1.5, 6.0, 80.0, 2000.0):
-        w = lambertw_exp(s)
-        assert w > 0 and w + math.log(w) == pytest.approx(s, rel=1e-13, abs=1e-13)
-
-
 # ---------------------------------------------------------------------------------------------------
 # 1. Gradient at Delta = 0 is length-normalised leave-one-out REINFORCE.
 # ---------------------------------------------------------------------------------------------------
@@ -286,17 +277,25 @@ TABLE = [(1.0, 0.05, 0.125, 0.121), (0.5, 0.05, 0.280, 0.213), (0.1, 0.01, 0.996
          (0.1, 0.05, 0.999, 0.567), (0.1, 0.5, 1.0, 0.997)]
 
 
+def _counts(p: float) -> list[int]:
+    """pi_t = (1 - p, p) as whole sample counts, for `_minimise_population`."""
+    rare = 1 if p <= 0.5 else round(p / (1 - p))
+    return [round(rare * (1 - p) / p), rare]
+
+
 @pytest.mark.parametrize("tau,p,kl_new,pmd_new", TABLE)
 def test_methods_table_uses_zero_one_rewards(tau, p, kl_new, pmd_new):
-    # The table is reproduced with rewards {0 (wrong), 1 (correct)}, NOT with the +-1 rewards the recipe
-    # trains with. (+-1 rewards at tau equal 0/1 rewards at tau / 2: e.g. +-1 at tau = 1 gives 0.213, the
-    # table's tau = 0.5 row.) So the trainer at pmd.tau = t behaves like the table's row for tau = t / 2.
-    zero_one = pmd_mean_population([1 - p, p], [0.0, 1.0], tau)[1]
+    # pmd_loss minimised over the population reproduces the table with rewards {0 (wrong), 1 (correct)},
+    # NOT with the +-1 rewards the recipe trains with. (+-1 rewards at tau equal 0/1 rewards at tau / 2:
+    # e.g. +-1 at tau = 1 gives 0.213, the table's tau = 0.5 row.) So the trainer at pmd.tau = t behaves
+    # like the table's row for tau = t / 2.
+    counts = _counts(p)
+    zero_one = _minimise_population(counts, [0.0, 1.0], tau)[1]
     assert zero_one == pytest.approx(pmd_new, abs=2e-3)
-    assert kl_pmd([1 - p, p], [0.0, 1.0], tau)[1] == pytest.approx(kl_new, abs=2e-3)
+    assert kl_pmd([1 - p, p], [0.0, 1.0], tau)[1] == pytest.approx(kl_new, abs=2e-3)  # the table's KL column
     if p < 0.5:  # the +-1 convention does not give the table
-        assert abs(pmd_mean_population([1 - p, p], [-1.0, 1.0], tau)[1] - pmd_new) > 0.05
-    assert pmd_mean_population([1 - p, p], [-1.0, 1.0], 2 * tau)[1] == pytest.approx(zero_one, abs=1e-12)
+        assert abs(_minimise_population(counts, [-1.0, 1.0], tau)[1] - pmd_new) > 0.05
+    assert _minimise_population(counts, [-1.0, 1.0], 2 * tau)[1] == pytest.approx(zero_one, abs=1e-6)
 
 
 def test_methods_table_row_by_optimisation():
@@ -314,8 +313,9 @@ def test_methods_table_row_by_optimisation():
 @pytest.mark.parametrize("tau", [1.0, 0.5, 0.2, 0.1])
 @pytest.mark.parametrize("rewards", [[0.0, 1.0], [-1.0, 1.0]])
 def test_conservative_at_low_success_rate(p, tau, rewards):
+    # The step pmd_loss takes over the population against the exact KL mirror-descent step.
     kl = kl_pmd([1 - p, p], rewards, tau)[1]
-    pmd = pmd_mean_population([1 - p, p], rewards, tau)[1]
+    pmd = _minimise_population(_counts(p), rewards, tau)[1]
     assert p < pmd < kl  # still an improvement, but a smaller step
     if tau <= 0.5:
         assert pmd - p < 0.85 * (kl - p)  # and markedly smaller once tau is small
@@ -323,7 +323,7 @@ def test_conservative_at_low_success_rate(p, tau, rewards):
 
 def test_close_to_kl_at_high_success_rate():
     kl = kl_pmd([0.5, 0.5], [0.0, 1.0], 0.1)[1]
-    pmd = pmd_mean_population([0.5, 0.5], [0.0, 1.0], 0.1)[1]
+    pmd = _minimise_population(_counts(0.5), [0.0, 1.0], 0.1)[1]
     assert kl > 0.99 and pmd > 0.99 and abs(kl - pmd) < 5e-3
 
 

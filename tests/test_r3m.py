@@ -9,6 +9,7 @@ pairs and flag mostly the flipped pairs; without corruption it should be no wors
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def test_lambda_must_lie_in_the_open_unit_interval():
 # ---- the synthetic faithful check -------------------------------------------------------------
 
 DIM, TRAIN, TEST, BATCH, LAM = 48, 2048, 2000, 64, 0.6
+STEPS = 100  # R^3M-DPO check
 
 
 def _pairs(w, count, generator):
@@ -161,3 +163,70 @@ def test_r3m_reward_model_flags_flipped_hhh_labels(tmp_path):
     on_clean = sum(o["flagged"] for o in outliers if o["index"] not in flipped) / (len(rows) - len(flipped))
     # Measured: 25% of the flipped pairs flagged (11 of 44) against 6.8% of the clean ones (12 of 177).
     assert on_flipped >= 2.5 * on_clean and on_flipped >= 0.15, (on_flipped, on_clean)
+
+
+# ---- R^3M-DPO under corrupted labels, through the DPO trainer ---------------------------------
+
+def _word_pairs(task, count: int, seed: int, flip_every: int = 0) -> tuple[list[dict], set[int]]:
+    """Preference pairs of single words (the better word by the task's hidden values); with
+    `flip_every`, the most confidently ordered pair of every block of that many is flipped (the
+    paper's "irrational" corruption)."""
+    import random
+
+    rng = random.Random(seed)
+    words = task.in_words + task.out_words
+    ordered = []
+    while len(ordered) < count:
+        a, b = rng.sample(words, 2)
+        if task.values[a] != task.values[b]:
+            ordered.append((a, b) if task.values[a] > task.values[b] else (b, a))
+    flipped = {max(range(start, min(start + flip_every, count)),
+                   key=lambda i: task.values[ordered[i][0]] - task.values[ordered[i][1]])
+               for start in range(0, count, flip_every)} if flip_every else set()
+    rows = [{"prompt": "Which word is better?", "chosen": lo if i in flipped else hi, "rejected": hi if i in flipped else lo}
+            for i, (hi, lo) in enumerate(ordered)]
+    return rows, flipped
+
+
+def dpo_on_corrupted_words(folder: Path, model: Path, loss: str, seed: int) -> dict:
+    """DPO or R^3M-DPO (our trainer, in process) from a tiny Llama on 512 word pairs with 1 in 8
+    flipped; held-out accuracy of the implicit reward on 200 clean pairs, and R^3M's flags."""
+    import json
+
+    import yaml
+
+    from alignment.cli import build_config
+    from tests.preference_task import WordValueTask
+
+    task = WordValueTask(seed=seed)
+    rows, flipped = _word_pairs(task, 512, seed + 1, flip_every=8)
+    held, _ = _word_pairs(task, 200, seed + 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (("train", rows), ("held", held)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    recipe = {"trainer": "dpo", "output_dir": str(folder / "run"), "seed": seed, "model": {"path": str(model)},
+              "data": {"path": str(folder / "train.jsonl"), "eval_path": str(folder / "held.jsonl"),
+                       "eval_size": 200, "chat_template": False},
+              "train": {"max_steps": STEPS, "batch_size": 16, "lr": 3e-3, "bf16": False, "log_every": 100},
+              "dpo": {"loss": loss, "beta": 0.5, "lam": 0.5}}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    trainer_cls, cfg = build_config(str(folder / "recipe.yaml"), [])
+    result = {"accuracy": trainer_cls(cfg).train()["eval/accuracy"]}
+    if loss == "r3m":
+        flags = {o["index"] for o in map(json.loads, (folder / "run" / "outliers.jsonl").read_text().splitlines())
+                 if o["flagged"]}
+        result["precision"] = len(flags & flipped) / max(len(flags), 1)
+        result["recall"] = len(flags & flipped) / len(flipped)
+    return result
+
+
+@pytest.mark.slow
+def test_r3m_dpo_beats_dpo_on_corrupted_preferences(tmp_path):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tmp_path / "tiny")
+    dpo = dpo_on_corrupted_words(tmp_path / "dpo", model, "sigmoid", seed=0)
+    r3m = dpo_on_corrupted_words(tmp_path / "r3m", model, "r3m", seed=0)
+    # Measured: ...
+    assert r3m["accuracy"] > dpo["accuracy"] + 0.02, (dpo, r3m)
+    assert r3m["precision"] > 0.4 and r3m["recall"] > 0.5, r3m

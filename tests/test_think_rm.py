@@ -99,5 +99,6 @@ def test_think_rm_judges_routed_rl_and_pairwise_rlhf_by_config(think_rm, tmp_pat
     assert routed["router/judge_frac"] == 1.0  # 2 prompts x 3 pairs, all judged by the Think-RM
     pairwise = json.loads((tmp_path / "pairwise" / "metrics.jsonl").read_text().splitlines()[-1])
     assert pairwise["judge/calls"] == 2 * 3  # one call per unordered pair
-    # Its verdicts on the policy's words parse (the words are in the Think-RM's domain).
-    assert pairwise["genrm/parse_fail_frac"] <= 0.5
+    # Its verdicts parse as they do on held-out pairs (< 5 %), even on a random policy's responses:
+    # at most one of the six. Measured: PARSE.
+    assert pairwise["genrm/parse_fail_frac"] <= 1 / 6, pairwise
