@@ -79,6 +79,7 @@ def _masks_follow_importance(checkpoint: Path) -> None:
     assert pattern, "no re-allocation before the checkpoint"
     kept, masked = [], []
     for lam, keep in pattern.items():
+        lam = lam if lam in sensitivity else next(k for k in sensitivity if k.startswith(lam + "."))  # + adapter name
         score = {part: sensitivity[lam.replace("lora_E", part)] * uncertainty[lam.replace("lora_E", part)]
                  for part in ("lora_E", "lora_A", "lora_B")}
         triplets = score["lora_E"].view(-1) + score["lora_A"].mean(1) + score["lora_B"].mean(0)

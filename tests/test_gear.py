@@ -196,9 +196,23 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def logprob_gap(model, prompts, generated) -> float:
+    """What RL sees as rollout/logprob_diff: mean |log-prob the engine generated each token with -
+    the full-precision model's log-prob of it|."""
+    gaps = []
+    for prompt, response, logprobs in zip(prompts, generated.response_ids, generated.logprobs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        exact = logits.log_softmax(-1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+        gaps.append((exact - logprobs.float()).abs())
+    return float(torch.cat(gaps).mean())
+
+
 @pytest.mark.slow
 def test_gear_generation_follows_the_uncompressed_cache_further_than_kivi_at_equal_bits(smollm2, uncompressed):
-    """2 bits, where the paper shows GEAR's error recovery (rank 4, 2 % outliers) against KIVI."""
+    """2 bits, where the paper shows GEAR's error recovery (rank 4, 2 % outliers) against KIVI: longer
+    agreement with the uncompressed cache's greedy text, and log-probs closer to the exact ones."""
+    _, model, prompts = smollm2
     gear = greedy(smollm2, KVCompressionConfig(type="gear", bits=2, **SMALL_BLOCKS, **GEAR_2_BIT))
     kivi = greedy(smollm2, KVCompressionConfig(type="kivi", bits=2, **SMALL_BLOCKS))
     agree_gear = [agreement(a, b) for a, b in zip(gear.response_ids, uncompressed.response_ids)]
@@ -207,34 +221,11 @@ def test_gear_generation_follows_the_uncompressed_cache_further_than_kivi_at_equ
     # KIVI 4/0/7. (At 4 bits both follow it closely, up to a near-tie: GEAR 44/2/56, KIVI 45/47/56.)
     assert sum(agree_gear) >= 20 and sum(agree_gear) >= 2 * sum(agree_kivi), (agree_gear, agree_kivi)
     assert 0 < gear.kv_bytes < 0.25 * uncompressed.kv_bytes  # measured 0.19 of the engine's fp32 cache
-
-
-@pytest.mark.slow
-def test_rollout_logprobs_are_closer_to_training_with_gear_than_kivi(smollm2):
-    """What RL sees (rollout/logprob_diff): the gap between the log-probs the engine samples with and
-    the full-precision model's on the same tokens, at 2 and at 4 bits."""
-    tokenizer, model, prompts = smollm2
-    gap = {}
-    for kind in ("none", "gear", "kivi"):
-        for bits in (2, 4):
-            extra = {**SMALL_BLOCKS, **(GEAR_2_BIT if (kind, bits) == ("gear", 2) else {})} if kind != "none" else {}
-            spec = KVCompressionConfig(type=kind, bits=bits, **extra)
-            engine = HFEngine(model, tokenizer, bf16=False, kv_compression=spec)
-            out = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=64, temperature=1.0, seed=0))
-            diffs = []
-            for prompt, response, logprobs in zip(prompts, out.response_ids, out.logprobs):
-                with torch.no_grad():
-                    logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
-                exact = logits.log_softmax(-1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
-                diffs.append((exact - logprobs.float()).abs())
-            gap[(kind, bits)] = float(torch.cat(diffs).mean())
-            if kind == "none":
-                break
-    # Measured: uncompressed 0.0000, GEAR 0.352 / 0.060, KIVI 0.617 / 0.087 (2 / 4 bits).
-    assert gap[("none", 2)] < 1e-3, gap
-    assert gap[("gear", 2)] < 0.75 * gap[("kivi", 2)], gap
-    assert gap[("gear", 4)] < 0.85 * gap[("kivi", 4)], gap
-    assert gap[("gear", 4)] < 0.2 * gap[("gear", 2)], gap
+    # Measured, default kernels / avx2: uncompressed 0.0000 / 0.0000, GEAR 0.171 / 0.171, KIVI 0.388 / 0.389
+    # (on sampled tokens: GEAR 0.352 and 0.060 at 2 and 4 bits, KIVI 0.617 and 0.087).
+    gaps = {name: logprob_gap(model, prompts, out) for name, out in
+            (("none", uncompressed), ("gear", gear), ("kivi", kivi))}
+    assert gaps["none"] < 1e-3 and gaps["gear"] < 0.6 * gaps["kivi"], gaps
 
 
 @pytest.mark.slow

@@ -350,8 +350,10 @@ def test_routed_rl_moves_the_policy_along_the_routed_advantages(word_pm, tiny_mo
         assert row["sync/logprob_err"] < 1e-3
     assert judge_requests == 3 * 3
     advantages, moved = torch.cat(advantages), torch.cat(moved)
-    assert advantages.abs().min() > 0  # every response won or lost something
-    agree = float(((advantages > 0) == (moved > 0)).float().mean())
+    decided = advantages != 0  # a response tied with its whole group (e.g. identical samples) gets 0
+    assert decided.sum() >= len(advantages) // 2, advantages
+    agree = float(((advantages[decided] > 0) == (moved[decided] > 0)).float().mean())
     correlation = float(torch.corrcoef(torch.stack([advantages, moved]))[0, 1])
-    # Measured: AGREE, CORR
+    # Measured (22 of 24 responses decided): sign agreement 0.95 / 1.0, correlation 0.82 / 0.94 (default
+    # kernels / avx2); with the advantages ignored nothing moves (0 and undefined).
     assert agree >= 0.8 and correlation > 0.5, (agree, correlation, advantages, moved)
