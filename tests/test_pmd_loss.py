@@ -316,7 +316,7 @@ def test_conservative_at_low_success_rate(p, tau, rewards):
     # The step pmd_loss takes over the population against the exact KL mirror-descent step.
     kl = kl_pmd([1 - p, p], rewards, tau)[1]
     pmd = _minimise_population(_counts(p), rewards, tau)[1]
-    assert p < pmd < kl  # still an improvement, but a smaller step
+    assert 2 * p < pmd < kl  # still an improvement (2.4x p to 38x p here), but a smaller step
     if tau <= 0.5:
         assert pmd - p < 0.85 * (kl - p)  # and markedly smaller once tau is small
 

@@ -163,6 +163,11 @@ def test_r3m_reward_model_flags_flipped_hhh_labels(tmp_path):
     on_clean = sum(o["flagged"] for o in outliers if o["index"] not in flipped) / (len(rows) - len(flipped))
     # Measured: 25% of the flipped pairs flagged (11 of 44) against 6.8% of the clean ones (12 of 177).
     assert on_flipped >= 2.5 * on_clean and on_flipped >= 0.15, (on_flipped, on_clean)
+    # The flags alone do not show R^3M at work (a BT model trained on the same labels also ends up
+    # disagreeing with flipped ones): its loss set the outlier variable on a sparse set of pairs.
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last_epoch = [r["r3m/outlier_frac"] for r in steps if "r3m/outlier_frac" in r][-14:]
+    assert 0 < sum(last_epoch) / len(last_epoch) <= 0.25, last_epoch  # measured 0.054: sparse, as in the paper
 
 
 # ---- R^3M-DPO under corrupted labels, through the DPO trainer ---------------------------------
