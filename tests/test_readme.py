@@ -165,6 +165,13 @@ def test_the_readme_has_commands_for_every_recipe():
     assert any(words[:2] == ["make", "demo"] for _, words in COMMANDS)
 
 
+def test_every_benchmark_the_readme_names_exists():
+    """The prose's `align bench NAME` mentions (benchmarks take minutes each, so they are not run here;
+    `benchmarks/RESULTS.md` has their figures and commands)."""
+    names = set(re.findall(r"`align bench ([a-z_0-9]+)", (REPO / "README.md").read_text()))
+    assert names and all((REPO / "benchmarks" / f"{name}.py").is_file() for name in names), names
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=_id)
 def test_readme_command_runs_as_written(command, sandbox):
     env, words = command
