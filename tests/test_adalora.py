@@ -78,8 +78,8 @@ def _masks_follow_importance(checkpoint: Path) -> None:
     pattern, sensitivity, uncertainty = state["rank_pattern"], state["exp_avg_ipt"], state["exp_avg_unc"]
     assert pattern, "no re-allocation before the checkpoint"
     kept, masked = [], []
-    for lam, keep in pattern.items():
-        lam = lam if lam in sensitivity else next(k for k in sensitivity if k.startswith(lam + "."))  # + adapter name
+    for masked_name, keep in pattern.items():  # the pattern's names may lack the adapter's
+        lam = next(k for k in sensitivity if k == masked_name or k.startswith(masked_name + "."))
         score = {part: sensitivity[lam.replace("lora_E", part)] * uncertainty[lam.replace("lora_E", part)]
                  for part in ("lora_E", "lora_A", "lora_B")}
         triplets = score["lora_E"].view(-1) + score["lora_A"].mean(1) + score["lora_B"].mean(0)

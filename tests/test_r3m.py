@@ -63,7 +63,6 @@ def test_lambda_must_lie_in_the_open_unit_interval():
 # ---- the synthetic faithful check -------------------------------------------------------------
 
 DIM, TRAIN, TEST, BATCH, LAM = 48, 2048, 2000, 64, 0.6
-STEPS = 100  # R^3M-DPO check
 
 
 def _pairs(w, count, generator):
@@ -188,8 +187,8 @@ def _word_pairs(task, count: int, seed: int, flip_every: int = 0) -> tuple[list[
     flipped = {max(range(start, min(start + flip_every, count)),
                    key=lambda i: task.values[ordered[i][0]] - task.values[ordered[i][1]])
                for start in range(0, count, flip_every)} if flip_every else set()
-    rows = [{"prompt": "Which word is better?", "chosen": lo if i in flipped else hi, "rejected": hi if i in flipped else lo}
-            for i, (hi, lo) in enumerate(ordered)]
+    rows = [{"prompt": "Which word is better?", "chosen": lo if i in flipped else hi,
+             "rejected": hi if i in flipped else lo} for i, (hi, lo) in enumerate(ordered)]
     return rows, flipped
 
 
@@ -212,7 +211,7 @@ def dpo_on_corrupted_words(folder: Path, model: Path, loss: str, seed: int) -> d
     recipe = {"trainer": "dpo", "output_dir": str(folder / "run"), "seed": seed, "model": {"path": str(model)},
               "data": {"path": str(folder / "train.jsonl"), "eval_path": str(folder / "held.jsonl"),
                        "eval_size": 200, "chat_template": False},
-              "train": {"max_steps": STEPS, "batch_size": 16, "lr": 3e-3, "bf16": False, "log_every": 100},
+              "train": {"max_steps": 100, "batch_size": 16, "lr": 3e-3, "bf16": False, "log_every": 100},
               "dpo": {"loss": loss, "beta": 0.5, "lam": 0.5}}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     trainer_cls, cfg = build_config(str(folder / "recipe.yaml"), [])

@@ -1,10 +1,10 @@
 """Every command line in the README's code blocks runs as written.
 
 The README's `align` / `python -m alignment` / `accelerate launch` / `torchrun` / `deepspeed` lines and
-its `make demo` (not `make test`: this suite) are read from the file (so the README cannot drift from what runs) and run in order, in a
-scratch folder that holds the repository's configs/, launch/ and data/, as a reader would run them:
-later commands use earlier outputs (the Think-RM RL stage reads the SFT stage's model, routed RL and
-`serve-rm --routing` the preference model, `serve-rm` the reward model). The only change is overrides
+its `make demo` (not `make test`: this suite) are read from the file (so the README cannot drift from
+what runs) and run in order, in a scratch folder that holds the repository's configs/, launch/ and
+data/, as a reader would run them: later commands use earlier outputs (the Think-RM RL stage reads the
+SFT stage's model, routed RL and `serve-rm --routing` the preference model, `serve-rm` the reward model). The only change is overrides
 appended to each `align train` that shrink it (`shrink` below): a tiny model instead of SmolLM2-135M,
 one step (two for a resume), few samples, short generations. The judge the routing config names
 (127.0.0.1:8001) is the rule judge of tests/judge_server.py; `serve-rm` lines are started, queried and
@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,23 +54,22 @@ def readme_commands() -> list[tuple[dict, list[str]]]:
 
 
 # `make test` / `make test-slow` are this suite itself
-COMMANDS = [(env, words) for env, words in readme_commands() if words[:2] not in (["make", "test"], ["make", "test-slow"])]
+COMMANDS = [(env, words) for env, words in readme_commands()
+            if words[:2] not in (["make", "test"], ["make", "test-slow"])]
 
 
-def _recipe_values(words: list[str]) -> tuple[dict, dict]:
-    """(the resolved recipe of an `... train CONFIG key=value ...` line, its own overrides)."""
+def _recipe_values(words: list[str]) -> tuple[dict, bool]:
+    """(the resolved recipe of an `... train CONFIG key=value ...` line, whether the line resumes)."""
     at = words.index("train")
     given = parse_overrides([w for w in words[at + 2:] if "=" in w])
-    return merge(yaml.safe_load((REPO / words[at + 1]).read_text()), given), given
+    return merge(yaml.safe_load((REPO / words[at + 1]).read_text()), given), str(given.get("resume")).lower() == "true"
 
 
-def shrink(words: list[str], tiny: Path) -> list[str]:
+def shrink(values: dict, resumed: bool, tiny: Path) -> list[str]:
     """The overrides appended to a README `train` line: the same recipe, as small as it runs."""
     from alignment.online import OnlineTrainer
     from trainers import get_trainer
 
-    values, given = _recipe_values(words)
-    resumed = str(given.get("resume", "")).lower() == "true"
     extra = {"train.max_steps": 2 if resumed else 1, "train.epochs": 0, "train.save_every": 0, "train.eval_every": 0,
              "data.size": 16, "data.eval_size": 4, "data.eval_fraction": 0.05}
     if values.get("model", {}).get("path") == SMOLLM2:
@@ -177,25 +175,25 @@ def test_readme_command_runs_as_written(command, sandbox):
     env, words = command
     folder, tiny = sandbox
     if words[0] == "make":  # `make demo` as written, one step long: the real SmolLM2 recipe, offline
-        proc = subprocess.run(["make", *words[1:], "DEMO_STEPS=1", "DEMO_ARGS=data.eval_size=8"], cwd=REPO, env=_env(env), capture_output=True,
-                              text=True, timeout=900)
+        proc = subprocess.run(["make", *words[1:], "DEMO_STEPS=1", "DEMO_ARGS=data.eval_size=8"], cwd=REPO,
+                              env=_env(env), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert "held-out accuracy" in proc.stdout + proc.stderr and (REPO / "runs/demo/report.png").is_file()
         return
     if "serve-rm" in words:
         _serve_and_query(env, words, folder)
         return
-    args = [*words, *shrink(words, tiny)]
+    values, resumed = _recipe_values(words)
+    args = [*words, *shrink(values, resumed, tiny)]
     proc = subprocess.run([_executable(args[0]), *args[1:]], cwd=folder, env=_env(env), capture_output=True,
                           text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    values, given = _recipe_values(words)
     out = folder / values["output_dir"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in metrics if r["step"] > 0]
     assert steps and (out / "final" / "config.json").is_file(), steps
-    if str(given.get("resume", "")).lower() == "true":
+    if resumed:
         assert "resumed from" in output and steps[-1] == 2, (steps, output[-2000:])
     launches = {"accelerate": "--num_processes", "torchrun": "--nproc_per_node", "deepspeed": "--num_accelerators"}
     if words[0] in launches:  # a real world size, not one process per rank (see environment.md)

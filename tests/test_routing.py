@@ -31,7 +31,7 @@ from rewards.judges import OpenAIJudge
 from rewards.preference_model import PreferenceScorer
 from rewards.routing import JUDGED_SCORE, PairRouter, pairwise_advantage, route
 from rewards.server import create_app
-from tests.conftest import REPO, run_align, tiny_llama
+from tests.conftest import REPO, tiny_llama
 from tests.judge_server import start_judge_server
 from tests.preference_task import WordValueTask, accuracy_by_decile, routed_accuracy, simulated_judge
 import trainers.pmd  # noqa: F401,E402 - registers the `rloo` advantage
