@@ -10,8 +10,10 @@ DeepSpeed JSON comes from `train.deepspeed` or from the accelerate config's `dee
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -225,12 +227,35 @@ class Backend:
                        folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
+        """Every file is read with torch's weights-only unpickler: a planted checkpoint file cannot run code."""
         if self.adalora is not None:
-            self.adalora.load_state_dict(torch.load(folder / "adalora.pt", map_location=self.device,
-                                                    weights_only=False))
+            self.adalora.load_state_dict(load_tensors(folder / "adalora.pt", map_location=self.device))
         if self.deepspeed is not None:
+            # in place of its engine's torch.load(weights_only=False)
+            self.deepspeed.checkpoint_engine.load = functools.partial(load_tensors, allowed=_deepspeed_state_types())
             self.deepspeed.load_checkpoint(str(folder / "deepspeed"), tag="state")
             return
-        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = load_tensors(folder / "optimizer.pt", map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def load_tensors(path: str | Path, map_location=None, allowed: list[type] = ()):
+    """A checkpoint file of tensors and plain data (and the `allowed` classes), read with torch's
+    weights-only unpickler: never full pickle, which runs whatever code the file names."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), "")
+        raise ConfigError(f"{path}: refusing to load this checkpoint file: it holds objects other than tensors "
+                          f"and plain data, which could run code when unpickled ({reason})") from None
+
+
+def _deepspeed_state_types() -> list[type]:
+    """The classes DeepSpeed's ZeRO optimizer states pickle besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]

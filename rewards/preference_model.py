@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from alignment.data import as_messages, message_text
 from alignment.models import autocast
+from rewards.reward_model import encode_text_pairs, left_truncated
 
 HEAD_FILE = "preference_head.safetensors"
 CONFIG_FILE = "preference_model.json"
@@ -86,21 +87,15 @@ def _comparison_text(tokenizer, prompt, response_a: str, response_b: str) -> str
 
 def encode_comparison(tokenizer, prompts: list, responses_a: list, responses_b: list,
                       max_length: int = 512) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask of (prompt, A, B) sequences. Causal models are read at
-    the last token, so over-long sequences lose their beginning (the prompt), never a response's end."""
+    """Right-padded input_ids / attention_mask of (prompt, A, B) sequences. Over-long sequences lose
+    their beginning (the prompt), never a response's end (causal models are read at the last token)."""
     responses_a = [message_text(r) for r in responses_a]
     responses_b = [message_text(r) for r in responses_b]
     if tokenizer.chat_template:
         texts = [_comparison_text(tokenizer, p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
-        side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
-        try:
-            return tokenizer(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt")
-        finally:
-            tokenizer.truncation_side = side
+        return left_truncated(tokenizer, texts, max_length, add_special_tokens=False)
     pairs = [f"Response A: {a}\nResponse B: {b}" for a, b in zip(responses_a, responses_b)]
-    return tokenizer([message_text(p) for p in prompts], pairs, padding=True, truncation="longest_first",
-                     max_length=max_length, return_tensors="pt")
+    return encode_text_pairs(tokenizer, [message_text(p) for p in prompts], pairs, max_length)
 
 
 # ---- the model --------------------------------------------------------------------------------

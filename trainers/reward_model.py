@@ -20,7 +20,7 @@ import torch
 from alignment.config import BaseConfig
 from alignment.models import apply_peft, load_reward_model
 from alignment.offline import PairwiseTrainer
-from rewards.reward_model import RewardForward, encode_for_reward
+from rewards.reward_model import MAX_LENGTH_KEY, RewardForward, encode_for_reward
 
 
 @dataclass
@@ -42,6 +42,7 @@ class RewardModelTrainer(PairwiseTrainer):
 
     def build_model(self):
         model = load_reward_model(self.cfg.model, self.tokenizer)
+        setattr(model.config, MAX_LENGTH_KEY, self.cfg.rm.max_length)  # saved in final/config.json for serving
         head = [name for name in ("score", "classifier") if hasattr(model, name)]
         model = apply_peft(model, self.cfg.peft, self.total_updates, modules_to_save=head)
         self.module = RewardForward(model, self.cfg.train.bf16)
