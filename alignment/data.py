@@ -1,6 +1,8 @@
 """Prompt datasets: local json/jsonl/parquet files, a `datasets` name, or reasoning-gym tasks.
 
-Rows are validated on load; a malformed row is an error naming the file, the row and the field.
+Rows are validated on load; a malformed row is an error naming the file, the row and the field. Rows
+are numbered from 1: a jsonl row by its line, a json row by its place in the list. A prompt or a
+response is plain text or chat messages (a non-empty list of `{"role", "content"}` objects).
 """
 
 from __future__ import annotations
@@ -42,43 +44,94 @@ class Demonstration:
     completion: str | list[dict]
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local json (a list of objects), jsonl or parquet file."""
+CONVERSATION = (str, list)  # a field of plain text or chat messages
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _parse_json(text: str, where: str, one_line: bool) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if one_line else f"line {e.lineno}, column {e.colno}"
+        raise DataError(f"{where}: invalid JSON at {at} ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+
+
+def _numbered_rows(path: str | Path) -> list[tuple[int, Any]]:
+    """(row number, row) of a local json (a list of objects), jsonl or parquet file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with open(path) as f:
+        rows, offset = [], 0
+        with open(path, "rb") as f:
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: row {line_no}: invalid JSON ({e.msg})") from None
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: row {line_no}: not UTF-8 text (byte {offset + e.start} of the file)"
+                                    ) from None
+                offset += len(line)
+                if text.strip():
+                    rows.append((line_no, _parse_json(text, f"{path}: row {line_no}", one_line=True)))
         return rows
     if suffix == ".json":
+        data = path.read_bytes()
         try:
-            rows = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line})") from None
+        rows = _parse_json(text, str(path), one_line=False)
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
             rows = rows["data"]
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of rows")
-        return rows
+        return list(enumerate(rows, 1))
     if suffix == ".parquet":
         import datasets
 
-        return list(datasets.Dataset.from_parquet(str(path)))
+        try:
+            return list(enumerate(datasets.Dataset.from_parquet(str(path)), 1))
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file
+            raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
     raise DataError(f"{path}: unsupported data file type '{suffix}' (use .json, .jsonl or .parquet)")
+
+
+def read_rows(path: str | Path) -> list:
+    """Rows of a local json (a list of objects), jsonl or parquet file."""
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _conversation_problem(value: str | list) -> str | None:
+    """Why a prompt or response cannot be used, or None: text must not be blank; messages must be
+    objects with a `role` from ROLES and a string `content`, and hold some text."""
+    if isinstance(value, str):
+        return None if value.strip() else ": empty text"
+    if not value:
+        return ": no messages"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            return f"[{i}]: expected a message object, got {type(message).__name__}"
+        if "role" not in message:
+            return f"[{i}]: message has no 'role'"
+        if message["role"] not in ROLES:
+            return f"[{i}]: message role must be one of {', '.join(ROLES)}, got {message['role']!r}"
+        if "content" not in message:
+            return f"[{i}]: message has no 'content'"
+        if not isinstance(message["content"], str):
+            return f"[{i}]: message 'content' must be str, got {type(message['content']).__name__}"
+    if not any(m["content"].strip() for m in value):
+        return ": every message is empty"
+    return None
 
 
 def validate_rows(rows: list, required: dict[str, tuple[type, ...]], origin: str) -> None:
     """Each row a dict with each required field of an allowed type; row numbers are 1-based (a row's
-    `_row` key, set when rows were split, keeps its number in the file)."""
+    `_row` key keeps its number in the file). A field allowed to be CONVERSATION (str or list) must be
+    usable text or chat messages; any other text field must not be blank."""
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataError(f"{origin}: row {i}: expected an object, got {type(row).__name__}")
@@ -86,25 +139,47 @@ def validate_rows(rows: list, required: dict[str, tuple[type, ...]], origin: str
         for name, types_ in required.items():
             if name not in row:
                 raise DataError(f"{origin}: row {number}: missing field '{name}'")
-            if not isinstance(row[name], types_):
+            value = row[name]
+            if not isinstance(value, types_) or (isinstance(value, bool) and bool not in types_):
                 allowed = " or ".join(t.__name__ for t in types_)
                 raise DataError(f"{origin}: row {number}: field '{name}' must be {allowed}, "
-                                f"got {type(row[name]).__name__}")
+                                f"got {type(value).__name__}")
+            if tuple(types_) == CONVERSATION:
+                problem = _conversation_problem(value)
+            else:
+                problem = ": empty text" if isinstance(value, str) and not value.strip() else None
+            if problem:
+                raise DataError(f"{origin}: row {number}: field '{name}'{problem}")
 
 
 def _rows_from(cfg: DataConfig, path: str, split: str) -> tuple[list[dict], str]:
+    """The rows of a file or a `datasets` name, each an object with `_row`, its number in the file."""
     if Path(path).suffix.lower() in (".json", ".jsonl", ".parquet") or Path(path).exists():
-        return read_rows(path), path
-    import datasets
+        numbered, origin = _numbered_rows(path), path
+    else:
+        import datasets
 
-    try:
-        return list(datasets.load_dataset(path, split=split)), f"{path}[{split}]"
-    except Exception as e:  # noqa: BLE001 - any hub/dataset failure becomes one clear message
-        raise DataError(f"cannot load dataset '{path}' (split {split}): {e}") from e
+        try:
+            numbered, origin = list(enumerate(datasets.load_dataset(path, split=split), 1)), f"{path}[{split}]"
+        except Exception as e:  # noqa: BLE001 - any hub/dataset failure becomes one clear message
+            raise DataError(f"cannot load dataset '{path}' (split {split}): {e}") from e
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{origin}: row {number}: expected an object, got {type(row).__name__}")
+    return [{**row, "_row": number} for number, row in numbered], origin
 
 
-def _prompt_examples(rows: list[dict], origin: str) -> list[Example]:
-    validate_rows(rows, {"prompt": (str, list)}, origin)
+ANSWER = (str, int, float)  # what a verifiable reward compares a response with
+
+
+def _prompt_examples(rows: list[dict], origin: str, answer_needed_by: str | None) -> list[Example]:
+    validate_rows(rows, {"prompt": CONVERSATION}, origin)
+    if answer_needed_by:
+        for row in rows:
+            if row.get("answer") is None:
+                raise DataError(f"{origin}: row {row['_row']}: missing field 'answer' ({answer_needed_by} checks "
+                                "each response against it)")
+        validate_rows(rows, {"answer": ANSWER}, origin)
     return [Example(prompt=r["prompt"], answer=r.get("answer")) for r in rows]
 
 
@@ -121,21 +196,23 @@ def _reasoning_gym(cfg: DataConfig, size: int, seed: int) -> list[Example]:
     return [Example(prompt=e["question"] + suffix, answer=e["answer"], entry=e) for e in dataset]
 
 
-def load_prompts(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) prompt examples."""
+def load_prompts(cfg: DataConfig, seed: int, answer_needed_by: str | None = None
+                 ) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) prompt examples; with `answer_needed_by` (what needs them, e.g.
+    "reward.type=verifiable"), every file row must have an `answer`."""
     if cfg.source == "reasoning_gym":
         # Held-out problems come from a different generator seed.
         return _reasoning_gym(cfg, cfg.size, seed), _reasoning_gym(cfg, cfg.eval_size, seed + 1_000_003)
     if not cfg.path:
         raise ConfigError(f"data.path: required with data.source={cfg.source}")
     rows, origin = _rows_from(cfg, cfg.path, cfg.split)
-    train = _prompt_examples(rows, origin)
+    train = _prompt_examples(rows, origin, answer_needed_by)
     if not train:
         raise DataError(f"{origin}: no rows")
     held_out: list[Example] = []
     if cfg.eval_path:
         rows, origin = _rows_from(cfg, cfg.eval_path, "test")
-        held_out = _prompt_examples(rows, origin)[: cfg.eval_size]
+        held_out = _prompt_examples(rows, origin, answer_needed_by)[: cfg.eval_size]
     if cfg.prompt_suffix:
         for ex in train + held_out:
             if isinstance(ex.prompt, str):
@@ -148,11 +225,11 @@ def _rows_with_held_out(cfg: DataConfig, seed: int) -> tuple[list[dict], str, li
     Each row dict gets `_row`, its 1-based number in its file."""
     if not cfg.path:
         raise ConfigError(f"data.path: required with data.source={cfg.source}")
-    rows, origin = _numbered(*_rows_from(cfg, cfg.path, cfg.split))
+    rows, origin = _rows_from(cfg, cfg.path, cfg.split)
     if not rows:
         raise DataError(f"{origin}: no rows")
     if cfg.eval_path:
-        held, held_origin = _numbered(*_rows_from(cfg, cfg.eval_path, "test"))
+        held, held_origin = _rows_from(cfg, cfg.eval_path, "test")
         return rows, origin, held[: cfg.eval_size], held_origin
     if cfg.eval_fraction > 0:
         count = max(1, round(len(rows) * cfg.eval_fraction))
@@ -161,16 +238,12 @@ def _rows_with_held_out(cfg: DataConfig, seed: int) -> tuple[list[dict], str, li
     return rows, origin, [], origin
 
 
-def _numbered(rows: list, origin: str) -> tuple[list, str]:
-    return [{**r, "_row": i} if isinstance(r, dict) else r for i, r in enumerate(rows, 1)], origin
-
-
 def load_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out) preference pairs `{"prompt", "chosen", "rejected", "strength"?}`."""
     rows, origin, held, held_origin = _rows_with_held_out(cfg, seed)
 
     def pairs(rows, origin):
-        validate_rows(rows, {"prompt": (str, list), "chosen": (str, list), "rejected": (str, list)}, origin)
+        validate_rows(rows, {"prompt": CONVERSATION, "chosen": CONVERSATION, "rejected": CONVERSATION}, origin)
         for r in rows:
             if r.get("strength") is not None and (not isinstance(r["strength"], int) or isinstance(r["strength"], bool)):
                 raise DataError(f"{origin}: row {r['_row']}: field 'strength' must be a signed int")
@@ -193,14 +266,18 @@ def load_demonstrations(cfg: DataConfig, seed: int) -> tuple[list[Demonstration]
     def demos(rows, origin):
         out = []
         for r in rows:
-            if isinstance(r, dict) and "messages" in r:
+            if "messages" in r:
+                validate_rows([r], {"messages": (list,)}, origin)
+                problem = _conversation_problem(r["messages"])
                 msgs = r["messages"]
-                if not (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict)
-                        and msgs[-1].get("role") == "assistant"):
-                    raise DataError(f"{origin}: row {r['_row']}: field 'messages' must end with an assistant message")
+                if problem is None and not (len(msgs) >= 2 and msgs[-1]["role"] == "assistant"
+                                            and msgs[-1]["content"].strip()):
+                    problem = ": must be a prompt, then an assistant message with text (the completion)"
+                if problem:
+                    raise DataError(f"{origin}: row {r['_row']}: field 'messages'{problem}")
                 out.append(Demonstration(msgs[:-1], [msgs[-1]]))
             else:
-                validate_rows([r], {"prompt": (str, list), "completion": (str, list)}, origin)
+                validate_rows([r], {"prompt": CONVERSATION, "completion": CONVERSATION}, origin)
                 out.append(Demonstration(r["prompt"], r["completion"]))
         return out
 

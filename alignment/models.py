@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,20 +70,36 @@ def builtin_minilm() -> Path:
 BUILTINS = {SMOLLM2: builtin_smollm2, MINILM: builtin_minilm}
 
 
-def resolve_path(path: str) -> str:
+# `name` or `org/name`, as the hub spells repository ids; anything else can only be a local path
+HUB_NAME = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
+def resolve_path(path: str, key: str = "model.path") -> str:
+    """A local folder, a hub name, or `builtin:NAME` (converted once) -> what transformers loads;
+    `key` names the config key in errors."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
         if name not in BUILTINS:
-            raise ConfigError(f"model.path: unknown builtin model '{name}' (available: {', '.join(BUILTINS)})")
+            raise ConfigError(f"{key}: unknown builtin model '{name}' (available: {', '.join(BUILTINS)})")
         return str(BUILTINS[name]())
     if not path:
-        raise ConfigError("model.path: required (a local folder, a hub name, or builtin:" + " / builtin:".join(BUILTINS)
+        raise ConfigError(f"{key}: required (a local folder, a hub name, or builtin:" + " / builtin:".join(BUILTINS)
                           + ")")
-    return path
+    local = Path(path).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ConfigError(f"{key}: {path} is a file; expected a model folder, a hub name or builtin:NAME")
+    if not local.exists() and not HUB_NAME.fullmatch(path):
+        raise ConfigError(f"{key}: local folder {path} does not exist (and it is not a hub name, org/name)")
+    return str(local) if local.exists() else path
 
 
 def load_tokenizer(cfg: ModelConfig):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.path), trust_remote_code=cfg.trust_remote_code)
+    """The first thing a trainer loads: a hub name that cannot be fetched fails here, by key."""
+    path = resolve_path(cfg.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # transformers' error for a folder without a tokenizer or an unreachable hub name
+        raise ConfigError(f"model.path: cannot load a tokenizer from {path} ({e})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

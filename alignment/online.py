@@ -124,8 +124,15 @@ class OnlineTrainer(Trainer):
     epochs = 1  # passes over each rollout batch
 
     def load_data(self) -> tuple[list[Example], list[Example]]:
-        """(train, held-out) prompts."""
-        return load_prompts(self.cfg.data, self.cfg.seed)
+        """(train, held-out) prompts; each with its answer when the verifiable reward scores them."""
+        needs_answers = self.cfg.reward.type == "verifiable" and self.scores_with_reward
+        return load_prompts(self.cfg.data, self.cfg.seed, "reward.type=verifiable" if needs_answers else None)
+
+    @property
+    def scores_with_reward(self) -> bool:
+        """Whether samples are scored by the configured reward: a method that overrides `score`
+        (SR-PPO's log-ratio, routed RL's router) checks what its own scoring needs."""
+        return type(self).score is OnlineTrainer.score
 
     def build_reward(self):
         """What `score` uses: the configured reward function (routed RL's is a pair router)."""

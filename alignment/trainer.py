@@ -4,8 +4,12 @@ A trainer sets `self.cfg`, `self.tokenizer`, `self.model` (the transformers or P
 saved) and `self.backend`, and defines `step(step) -> metrics` and `evaluate() -> metrics`. Hooks:
 `start()` runs after a resume and before the first step (the online loop pushes weights to its
 engine there); `finish(out)` writes method-specific outputs at the end (R^3M's outliers.jsonl); `check_config()`
-rejects unusable values before anything is loaded; `save_extra` / `load_extra` checkpoint what
-the model and backend do not hold (PPO's critic).
+rejects unusable values before anything is loaded (a trainer's override calls super() first); `save_extra` /
+`load_extra` checkpoint what the model and backend do not hold (PPO's critic).
+
+Resume (`resume=true`) compares the new config with the checkpoint's (`<output_dir>/config.yaml` and
+the checkpoint's `trainer_state.json`): a changed key of `resume_fixed_keys` refuses, any other
+change is logged and the new value is used (the optimizer's restored lr and weight decay included).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from alignment.backend import Backend
-from alignment.config import BaseConfig, ConfigError, save_config
+from alignment.config import BaseConfig, ConfigError, read_yaml, save_config, to_dict
 from alignment.logging import RunLogger, plot_report
 from alignment.models import hf_model, merged_state_dict
 
@@ -27,6 +32,17 @@ def latest_checkpoint(root: Path) -> Path | None:
     """Newest complete checkpoint; `.tmp` folders are incomplete and ignored."""
     done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return max(done, key=lambda p: int(p.name[5:]), default=None)
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class Trainer:
@@ -40,8 +56,41 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return {}
 
+    # keys a checkpoint cannot be resumed under once changed: its weights' shapes or meaning depend on them
+    resume_fixed_keys: tuple[str, ...] = ("trainer", "model.path", "peft.type", "peft.r", "peft.target_modules",
+                                          "peft.init_r")
+
     def check_config(self) -> None:
-        pass
+        out = Path(self.cfg.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir: {out} is a file; expected a folder (created when missing)")
+        self.resume_changes = self.check_resume()
+
+    def check_resume(self) -> list[tuple[str, Any, Any]]:
+        """(key, checkpoint's value, new value) of each config key changed since the newest checkpoint
+        was written; refuses a changed `resume_fixed_keys` key, and checkpoints without resume=true."""
+        latest = latest_checkpoint(Path(self.cfg.output_dir) / "checkpoints")
+        if latest is None:
+            return []
+        if not self.cfg.resume:
+            raise ConfigError(f"{self.cfg.output_dir} already holds checkpoints ({latest.name}): pass resume=true to "
+                              f"continue it, or choose another output_dir")
+        saved_path = Path(self.cfg.output_dir) / "config.yaml"
+        saved = _flat(read_yaml(saved_path)) if saved_path.is_file() else {}
+        state_path = latest / "trainer_state.json"
+        try:
+            saved["trainer"] = json.loads(state_path.read_text())["trainer"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{state_path}: cannot read the checkpoint's trainer ({e})") from None
+        new = _flat(to_dict(self.cfg))
+        changes = [(key, saved.get(key, "<absent>"), new.get(key, "<absent>")) for key in sorted(set(saved) | set(new))
+                   if key != "resume" and saved.get(key, "<absent>") != new.get(key, "<absent>")]
+        for key, old, value in changes:
+            if key in self.resume_fixed_keys and key in saved:  # a key the saved config lacks is new in this version
+                raise ConfigError(f"resume: {key} is {value!r} but the checkpoint {latest} was written with {old!r}; "
+                                  f"it cannot continue under a changed {key} (set {key}={old} back, or choose "
+                                  f"another output_dir)")
+        return changes
 
     def start(self) -> None:
         pass
@@ -107,14 +156,22 @@ class Trainer:
         return json.loads((folder / "trainer_state.json").read_text())["step"]
 
     def save_final(self) -> Path:
+        """Written under `final.tmp` and renamed when complete, as checkpoints are."""
         out = Path(self.cfg.output_dir) / "final"
+        tmp = out.with_name("final.tmp")
+        if self.backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         with self.backend.gathered():
             state = merged_state_dict(self.model)
             if self.backend.is_main:
-                hf_model(self.model).save_pretrained(out, state_dict=state)
-                self.tokenizer.save_pretrained(out)
+                hf_model(self.model).save_pretrained(tmp, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
                 if self.cfg.peft.type != "none":
-                    self.model.save_pretrained(out / "adapter")
+                    self.model.save_pretrained(tmp / "adapter")
+        self.backend.barrier()
+        if self.backend.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
         self.backend.barrier()
         return out
 
@@ -123,13 +180,12 @@ class Trainer:
         cfg = self.cfg
         out = Path(cfg.output_dir)
         latest = latest_checkpoint(out / "checkpoints")
-        if latest is not None and not cfg.resume:
-            raise ConfigError(f"{out} already holds checkpoints ({latest.name}): pass resume=true to continue "
-                              f"it, or choose another output_dir")
         start = 0
         if self.backend.is_main:
+            for key, old, new in self.resume_changes:
+                log.info("resume: %s changed: %r (checkpoint) -> %r (used from now on)", key, old, new)
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, out / "config.yaml")  # what this run uses, resumed or not
         if latest is not None:
             start = self.load_checkpoint(latest)
             log.info("resumed from %s", latest)

@@ -9,9 +9,17 @@ a set of criteria. It thinks inside <think>...</think>, then answers inside <ans
 One sign convention holds in this module and in everything built on it: a **strength** is an int,
 positive when A (the first response) is better. Binary A -> +1 and B -> -1; multiclass s -> -s.
 
-- Parsing: the last <answer> block of the output, and inside it the last valid token. Binary takes a
-  standalone A or B (the reference's bare `(A|B)` would also match the A of "Assistant"); multiclass
-  takes a standalone -3..3 without 0. Anything else gives None.
+- Parsing (`read_verdict`, shared with the <label> judges of rewards/judges.py): only the text outside
+  the reasoning counts: everything up to the first </think> is reasoning, and so is any later
+  <think>...</think> block or <think> left open. With `think_prefill` the output starts inside <think>,
+  so an output with no </think> never closed its reasoning and has no verdict. Outside it, every
+  <answer> block must hold exactly one valid choice (whitespace aside): binary A or B, multiclass
+  -3..3 without 0. None ("unparsable") when there is no block, a block holds anything else ("A or B",
+  "Assistant B", "score: 3": a hedge is no verdict), an <answer> is left unclosed, or blocks disagree
+  (an answer, more reasoning, another answer: no verdict, not the last one); identical repeats
+  ("<answer>A</answer> ... so <answer>A</answer>") state one verdict and are accepted. Text around the
+  blocks is not read (a model that runs on after its answer, e.g. "<answer>A</answer>B</think>", keeps
+  its verdict).
 - Rule-based RL reward: 1 for the exact strength, 0.5 for the right side with the wrong strength
   (multiclass only), 0 otherwise, unparsable included.
 - Pairwise preference strength of one call on (y_i as A, y_j as B), with d_ij > 0 meaning y_i is
@@ -21,6 +29,10 @@ positive when A (the first response) is better. Binary A -> +1 and B -> -1; mult
   range; the Think-RM advantage divides by RMS(d), so the scale cancels there.
 - `think_prefill`: the generation prompt ends with "<think>\\n" (the reference's evaluation chat
   template), so the model starts inside its reasoning.
+- SFT targets that do not fit `sft.max_length` (`GenRMFormat.sft_ids`): the judge prompt is kept whole
+  and the reasoning loses its middle (its beginning and end stay, joined by a "\\n...\\n" line), so
+  the target always ends with </think>, the answer and the end of turn; a row whose prompt and verdict
+  alone are too long gets no ids (the Think-RM SFT stage drops it with a warning).
 
 `genrm.json` in a model folder records the format the model was trained with (written by
 `trainer: think_rm`); a `generative_rm` judge on that folder reads it, so the prompt it sees at
@@ -36,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from alignment.config import ConfigError, DataConfig
-from alignment.data import DataError, _rows_with_held_out, encode_response, fit_length, message_text, validate_rows
+from alignment.data import DataError, _rows_with_held_out, encode_response, message_text, validate_rows
 
 CRITERIA = """You are an impartial judge. Two AI assistants answered the same conversation; decide whose \
 final response serves the user better. Weigh these criteria:
@@ -65,9 +77,35 @@ inside the <answer></answer> tag, e.g. <answer>-2</answer>."""
 
 THINK_PREFILL = "<think>\n"
 FILE_NAME = "genrm.json"
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_BINARY_CHOICE = re.compile(r"\b(A|B)\b")
-_MULTICLASS_CHOICE = re.compile(r"(?<![\w.-])(-?[123])(?![\w.])")
+CUT_MARKER = "\n...\n"  # stands where an SFT target's reasoning lost its middle to sft.max_length
+_BINARY = {"A": 1, "B": -1}
+_MULTICLASS = {str(s): -s for s in (-3, -2, -1, 1, 2, 3)}  # the reference's score s -> strength -s
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def outside_reasoning(text: str, inside_think: bool = False) -> str:
+    """The part of a model's output that may hold its verdict: what follows the first </think> (all
+    before it is reasoning, opened by <think> or by the prompt), less any later <think>...</think>
+    block and any <think> left open at the end. `inside_think`: the output began inside <think> (a
+    prefilled reasoning), so without a </think> it is all reasoning and this is ""."""
+    _, closed, tail = text.partition("</think>")
+    if not closed:
+        if inside_think:
+            return ""
+        tail = text
+    return _THINK_BLOCK.sub("", tail).partition("<think>")[0]
+
+
+def read_verdict(text: str, tag: str, choices: dict, inside_think: bool = False):
+    """The value in `choices` of the one verdict `<tag>CHOICE</tag>` outside the reasoning, or None when
+    there is none, a block holds anything but exactly one choice (whitespace aside), a block is left
+    open, or blocks disagree (identical repeats count as one verdict)."""
+    region = outside_reasoning(text, inside_think)
+    blocks = re.findall(f"<{tag}>(.*?)</{tag}>", region, re.DOTALL)
+    if not blocks or region.count(f"<{tag}>") != len(blocks):
+        return None
+    said = {block.strip() for block in blocks}
+    return choices.get(said.pop()) if len(said) == 1 else None
 
 
 def _context(prompt: str | list[dict]) -> str:
@@ -127,14 +165,8 @@ class GenRMFormat:
 
     def strength(self, text: str) -> int | None:
         """The verdict in `text` as a strength (> 0: A better), or None when unparsable."""
-        blocks = _ANSWER.findall(text)
-        if not blocks:
-            return None
-        if self.verdict == "binary":
-            choices = _BINARY_CHOICE.findall(blocks[-1])
-            return (1 if choices[-1] == "A" else -1) if choices else None
-        choices = _MULTICLASS_CHOICE.findall(blocks[-1])
-        return -int(choices[-1]) if choices else None
+        choices = _BINARY if self.verdict == "binary" else _MULTICLASS
+        return read_verdict(text, "answer", choices, inside_think=self.think_prefill)
 
     def parse(self, text: str) -> float | None:
         """A judge verdict in [-1, 1] (+1: A better), or None."""
@@ -147,26 +179,46 @@ class GenRMFormat:
             return "A" if strength > 0 else "B"
         return str(-strength)
 
+    def _target_parts(self, strength: int) -> tuple[str, str]:
+        """What an SFT target holds around its reasoning: the <think> opening (none when prefilled), then
+        </think> and the answer."""
+        return "" if self.think_prefill else THINK_PREFILL, f"\n</think>\n\n<answer>{self.answer(strength)}</answer>"
+
     def target(self, reasoning: str, strength: int) -> str:
         """An SFT target: the reasoning inside <think> (its opening tag already in the prompt when
         prefilled), then the answer."""
-        body = f"{reasoning.strip()}\n</think>\n\n<answer>{self.answer(strength)}</answer>"
-        return body if self.think_prefill else THINK_PREFILL + body
+        opening, closing = self._target_parts(strength)
+        return opening + reasoning.strip() + closing
 
-    def sft_ids(self, tokenizer, c: Comparison, max_length: int) -> tuple[list[int], list[int]]:
-        """(prompt ids with the prefill, target ids) of a warm-up example: the target is the reasoning and
-        the answer, closed by the chat template's end of turn (EOS without a template)."""
+    def sft_ids(self, tokenizer, c: Comparison, max_length: int) -> tuple[list[int], list[int], bool] | None:
+        """(prompt ids with the prefill, target ids, whether the reasoning was cut) of a warm-up example:
+        the target is the reasoning and the answer, closed by the chat template's end of turn (EOS
+        without a template). Longer than `max_length`, the prompt stays whole and the reasoning keeps
+        its beginning and its end around CUT_MARKER, so the verdict and the end of turn are always
+        learned; None when even the prompt and a target with no reasoning left exceed `max_length`."""
+        def encode(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
         messages = self.messages(c.prompt, c.response_a, c.response_b)
         prompt_ids = encode_judge_prompt(tokenizer, messages, self.prefill)
-        target = self.target(c.reasoning or "", c.strength)
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
         end = [tokenizer.eos_token_id]
         if tokenizer.chat_template:  # the template's own end of turn, e.g. "<|im_end|>\n"
             turn = encode_response(tokenizer, messages, encode_judge_prompt(tokenizer, messages), "x", True)
-            x = tokenizer("x", add_special_tokens=False)["input_ids"]
+            x = encode("x")
             if turn[: len(x)] == x:
                 end = turn[len(x):]
-        return fit_length(prompt_ids, target_ids + end, max_length)
+        reasoning = (c.reasoning or "").strip()
+        target_ids = encode(self.target(reasoning, c.strength)) + end
+        if len(prompt_ids) + len(target_ids) <= max_length:
+            return prompt_ids, target_ids, False
+        opening, closing = (encode(part) for part in self._target_parts(c.strength))
+        marker, reasoning_ids = encode(CUT_MARKER), encode(reasoning)
+        keep = max_length - len(prompt_ids) - len(opening) - len(marker) - len(closing) - len(end)
+        if keep < 0:
+            return None
+        keep = min(keep, len(reasoning_ids))  # the parts may tokenize shorter than the whole text
+        head, tail = reasoning_ids[: (keep + 1) // 2], reasoning_ids[len(reasoning_ids) - keep // 2:]
+        return prompt_ids, opening + head + marker + tail + closing + end, True
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / FILE_NAME).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -212,6 +264,7 @@ class Comparison:
     response_b: str
     strength: int  # the gold verdict (> 0: A better)
     reasoning: str | None = None  # a teacher's reasoning (SFT warm-up)
+    origin: str = ""  # where the row comes from, e.g. "sft.jsonl: row 4"
 
 
 def label_strength(label, fmt: GenRMFormat, where: str) -> int:
@@ -235,11 +288,13 @@ def load_comparisons(cfg: DataConfig, fmt: GenRMFormat, seed: int, reasoning: bo
     if reasoning:
         required["reasoning"] = (str,)
 
+    def comparison(r, where):
+        return Comparison(r["prompt"], r["response_a"], r["response_b"], label_strength(r["label"], fmt, where),
+                          r.get("reasoning"), where)
+
     def comparisons(rows, origin):
         validate_rows(rows, required, origin)
-        return [Comparison(r["prompt"], r["response_a"], r["response_b"],
-                           label_strength(r["label"], fmt, f"{origin}: row {r['_row']}"), r.get("reasoning"))
-                for r in rows]
+        return [comparison(r, f"{origin}: row {r['_row']}") for r in rows]
 
     return comparisons(rows, origin), comparisons(held, held_origin)
 

@@ -15,14 +15,21 @@ Backends (`JudgeConfig.type`):
 The format (`judge.verdict`): `label` asks for <label>1|2|0</label>; `binary` / `multiclass` are
 Think-RM's <answer> formats (rewards/generative.py), so a GenRM served by `vllm serve` is an `openai`
 judge with `verdict: binary`. Each call's output text is kept (`judge()`), for Think-RM's
-length-weighted pairwise strengths.
+length-weighted pairwise strengths. Every format reads only the text outside the reasoning (from the
+first </think> on, less later <think> blocks), where its blocks must each hold exactly one valid
+choice and agree: a label or answer inside the reasoning, a hedge ("1 or 2") or two different
+verdicts give None (unparsable, a failure).
+
+`judge.timeout_s` bounds each HTTP call (attempt) of the `openai` backend in wall-clock time, from
+connecting to the last byte of the reply however slowly it arrives (rewards/remote.py's
+`BoundedClient`); a call past it is a timeout, retried like one, so a judge call takes at most
+(retries + 1) x timeout_s plus the backoff.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +39,8 @@ import httpx
 
 from alignment.config import ConfigError, JudgeConfig
 from alignment.models import resolve_path
-from rewards.generative import GenRMFormat, encode_judge_prompt, judge_messages
+from rewards.generative import GenRMFormat, encode_judge_prompt, judge_messages, read_verdict
+from rewards.remote import BoundedClient
 
 log = logging.getLogger("alignment")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per judge call
@@ -45,21 +53,15 @@ one of these labels and nothing after it:
 <label>2</label> if Assistant B's response is better,
 <label>0</label> if you cannot tell which is better."""
 
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_LABEL = re.compile(r"<label>\s*(.*?)\s*</label>", re.DOTALL)
 _LABEL_VERDICTS = {"1": VERDICT_A, "2": VERDICT_B, "0": TIE}
 
 
-def _strip_thinking(text: str) -> str:
-    # A reasoning model whose chat template opens <think> in the prompt emits only the closing tag.
-    return _THINK.sub("", text).rpartition("</think>")[2]
-
-
 def parse_verdict(text: str) -> float | None:
-    """The last <label>X</label> outside <think>...</think> blocks (or after a lone </think>):
-    1 -> A, 2 -> B, 0 -> tie; else None."""
-    labels = _LABEL.findall(_strip_thinking(text))
-    return _LABEL_VERDICTS.get(labels[-1]) if labels else None
+    """The verdict <label>X</label> outside the reasoning (from the first </think> on: a reasoning model
+    whose chat template opens <think> in the prompt emits only the closing tag): 1 -> A, 2 -> B,
+    0 -> tie. None when there is no label there, a label holds anything else, or labels disagree
+    (rewards.generative.read_verdict)."""
+    return read_verdict(text, "label", _LABEL_VERDICTS)
 
 
 class LabelFormat:
@@ -155,8 +157,9 @@ def _shorten(text: str, limit: int = 120) -> str:
 
 class OpenAIJudge(Judge):
     """A judge behind an OpenAI-compatible `POST {base_url}/chat/completions`, up to
-    `max_concurrency` calls in flight. Transport errors, timeouts, 429 and 5xx are retried with
-    exponential backoff; other 4xx and malformed or unparsable replies fail at once."""
+    `max_concurrency` calls in flight, each HTTP call cut off `timeout_s` after it starts. Transport
+    errors, timeouts, 429 and 5xx are retried with exponential backoff; other 4xx and malformed or
+    unparsable replies fail at once."""
 
     def __init__(self, cfg: JudgeConfig, backoff_s: float = 0.2):
         super().__init__(cfg)
@@ -167,7 +170,7 @@ class OpenAIJudge(Judge):
         api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=cfg.timeout_s, limits=limits)
+        self._http = BoundedClient(self.url, cfg.timeout_s, headers, limits)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="judge")
 
     def close(self) -> None:
@@ -189,8 +192,8 @@ class OpenAIJudge(Judge):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                response = self._http.post("/chat/completions", json=body)
-            except httpx.TransportError as e:  # refused or dropped connections, timeouts
+                response = self._http.request("POST", "/chat/completions", json=body)
+            except httpx.TransportError as e:  # refused or dropped connections, timeouts (BoundedClient's included)
                 last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 continue
             if response.status_code == 429 or response.status_code >= 500:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from alignment.data import as_messages, message_text
+from alignment.config import bounded
 from alignment.models import autocast
 from rewards.reward_model import encode_text_pairs, left_truncated
 
@@ -54,21 +55,23 @@ class HeadOptions:
     """The model's shape and its uncertainty estimate (saved with it; `pm:` keys of the trainer)."""
 
     uncertainty: Literal["sngp", "mc_dropout", "ensemble"] = "sngp"
-    random_features: int = 4096  # D, the GP's random Fourier features
+    random_features: int = bounded(4096, ge=1)  # D, the GP's random Fourier features
     # W ~ N(0, rff_scale^2 / hidden_size), frozen: an inverse kernel length scale relative to the norm
     # of the pooled state; 3.2 is the reference's std 0.05 at Llama-3-8B's hidden size 4096
-    rff_scale: float = 3.2
-    ridge: float = 1e-3  # prior precision of the GP posterior
-    gp_amplitude: float = 10.0  # lambda in u = sqrt(1 + lambda var) (reference: 0.1 served, 10 in evaluation)
+    rff_scale: float = bounded(3.2, gt=0)
+    ridge: float = bounded(1e-3, gt=0)  # prior precision of the GP posterior
+    # lambda in u = sqrt(1 + lambda var) (reference: 0.1 served, 10 in evaluation)
+    gp_amplitude: float = bounded(10.0, ge=0)
     spectral_norm: bool = True  # spectral-normalised residual layer on the pooled state (textbook SNGP)
-    sn_bound: float = 0.95  # its spectral-norm bound; < 1 keeps the map bi-Lipschitz
-    mc_samples: int = 8  # mc_dropout: stochastic passes per prediction
-    mc_dropout: float = 0.1  # mc_dropout: dropout rate on the pooled state (training and prediction)
-    ensemble_size: int = 4  # ensemble: heads, each with its own random features
+    sn_bound: float = bounded(0.95, gt=0)  # its spectral-norm bound; < 1 keeps the map bi-Lipschitz
+    mc_samples: int = bounded(8, ge=1)  # mc_dropout: stochastic passes per prediction
+    # mc_dropout: dropout rate on the pooled state (training and prediction)
+    mc_dropout: float = bounded(0.1, ge=0, lt=1)
+    ensemble_size: int = bounded(4, ge=1)  # ensemble: heads, each with its own random features
     # last: the last real token (causal LMs); first: [CLS] (encoders); auto: last when the tokenizer has
     # a chat template, else first
     pooling: Literal["auto", "last", "first"] = "auto"
-    max_length: int = 512
+    max_length: int = bounded(512, ge=1)
 
 
 # ---- encoding ---------------------------------------------------------------------------------

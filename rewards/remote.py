@@ -2,13 +2,17 @@
 
 A failure is raised, never turned into a reward: transient faults (connection errors, timeouts,
 429, 5xx) are retried with exponential backoff, other 4xx are raised at once with the server's
-message, and every reply is checked to hold one finite float per response.
+message, and every reply is checked to hold one finite float per response. `timeout_s` bounds each
+HTTP call (attempt) in wall-clock time, from connecting to the last byte of the reply however slowly
+the server sends it (`BoundedClient`, shared with the judges of rewards/judges.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import threading
 import time
 
 import httpx
@@ -31,6 +35,39 @@ def _server_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
+class BoundedClient:
+    """An HTTP client whose every request has a hard wall-clock bound, from connecting to the last byte
+    of the reply. httpx's own timeouts bound each network read, so a server that trickles its reply
+    (or its headers) one byte at a time could hold a call for ever; here a request runs on a private
+    event-loop thread and is cancelled at the deadline, which raises httpx.TimeoutException (a
+    TransportError: callers retry it as a timeout). Safe to call from several threads at once."""
+
+    def __init__(self, base_url: str, timeout_s: float, headers: dict | None = None,
+                 limits: httpx.Limits | None = None):
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="http-client", daemon=True)
+        self._thread.start()
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s,
+                                       limits=limits or httpx.Limits())
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """The reply, read in full within `timeout_s`."""
+        bounded = asyncio.wait_for(self._http.request(method, path, **kwargs), self.timeout_s)
+        try:
+            return asyncio.run_coroutine_threadsafe(bounded, self._loop).result()
+        except asyncio.TimeoutError:
+            raise httpx.TimeoutException(f"no complete reply within {self.timeout_s:g} s") from None
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
 class RemoteRewardClient:
     """Blocking client of one reward server; `retries` is the number of tries after the first."""
 
@@ -40,7 +77,7 @@ class RemoteRewardClient:
         self.retries = retries
         self.backoff_s = backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._http = BoundedClient(self.url, timeout_s, headers)
 
     def close(self) -> None:
         self._http.close()

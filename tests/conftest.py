@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama models (head_dim 64) with SmolLM2's real tokenizer, built locally."""
+"""Shared fixtures: tiny random Llama models (head_dim 64; a policy and a reward model) with SmolLM2's real
+tokenizer, built locally."""
 
 from __future__ import annotations
 
@@ -43,3 +44,40 @@ def run_align(*args: str, env: dict | None = None, timeout: int = 600, launcher:
     cmd = (launcher or [sys.executable, "-m"]) + ["alignment", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_reward_model(folder: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from alignment.models import builtin_smollm2
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_smollm2())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_labels=1,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # the default init (std 0.02) gives rewards too alike to tell results apart
+        model.score.weight.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def rm_dir(tmp_path_factory) -> Path:
+    return tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))
+
+
+@pytest.fixture(scope="module")
+def scorer(rm_dir):
+    """In-process reference scoring of the tiny reward model, on one thread like the test servers."""
+    from rewards.reward_model import RewardScorer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield RewardScorer.from_dir(rm_dir)
+    torch.set_num_threads(threads)

@@ -18,8 +18,14 @@ wrong answer the other letter. `rule(response_a, response_b) -> 1 | 2 | 0` repla
 
 Modes: ok; always_a (label 1 whatever the pair); slow (waits `slow_s` before answering); error500;
 error400; garbage (200, text without a label); badjson (200, a body that is not JSON); empty (200,
-content null); flaky (the first call of each distinct request gets 503, later ones are ok).
+content null); flaky (the first call of each distinct request gets 503, later ones are ok); trickle
+(the right answer, but the whole HTTP reply, status line and headers included, sent one byte every
+`trickle_s`: each read is quick, the reply takes minutes).
 `GET /v1/models` lists one model. The server counts requests and the most requests in flight at once.
+
+`POST /v1/score {"prompts", "responses"}` answers as an `align serve-rm` reward server would (for the
+remote reward client): {"rewards": [the first integer of each response, 0 without one]}, in the same
+modes (slow, trickle, error500, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import random
 import re
 import threading
 
-MODES = ("ok", "always_a", "slow", "error500", "error400", "garbage", "badjson", "empty", "flaky")
+MODES = ("ok", "always_a", "slow", "error500", "error400", "garbage", "badjson", "empty", "flaky", "trickle")
 MODEL = "rule-judge"
 
 _SECTION = r"\[The Start of {0}\]\n(.*?)\n\[The End of {0}\]"
@@ -57,15 +63,17 @@ class JudgeServer(http.server.ThreadingHTTPServer):
     block_on_close = False  # a slow handler must not hold up stop()
 
     def __init__(self, mode: str, accuracy: float, seed: int, delay_s: float, slow_s: float, rule=rule_verdict,
-                 port: int = 0):
+                 port: int = 0, trickle_s: float = 0.5):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (valid: {', '.join(MODES)})")
         super().__init__(("127.0.0.1", port), _Handler)
         self.mode, self.accuracy, self.seed, self.delay_s, self.slow_s = mode, accuracy, seed, delay_s, slow_s
+        self.trickle_s = trickle_s
         self.rule = rule
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.requests = 0  # chat-completion requests received
+        self.requests = 0  # chat-completion and score requests received
+        self.trickled = 0  # trickle: replies sent to their last byte
         self.in_flight = 0
         self.max_in_flight = 0
         self.authorization: str | None = None  # the last Authorization header seen
@@ -119,11 +127,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        if self.server.mode == "trickle":
+            self._trickle(status, body, content_type)
+            return
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _trickle(self, status: int, body: bytes, content_type: str) -> None:
+        reply = (f"HTTP/1.1 {status} {self.responses[status][0]}\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        for i in range(len(reply)):
+            if self.server.stopping.wait(self.server.trickle_s):
+                return
+            self.wfile.write(reply[i:i + 1])
+        self.server.trickled += 1
 
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode())
@@ -136,7 +156,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/v1/score"):
             self._json(404, {"error": {"message": f"no route {self.path}"}})
             return
         server = self.server
@@ -157,9 +177,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server, mode = self.server, self.server.mode
         if server.delay_s:
             server.stopping.wait(server.delay_s)
+        score = self.path.rstrip("/") == "/v1/score"
         try:
             body = json.loads(raw)
-            user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+            user = "" if score else next(m["content"] for m in body["messages"] if m["role"] == "user")
         except (ValueError, KeyError, TypeError, StopIteration):
             self._json(400, {"error": {"message": "expected {'model', 'messages': [..., {'role': 'user'}]}"}})
             return
@@ -178,6 +199,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         elif mode == "flaky" and server.first_time(raw):
             self._json(503, {"error": {"message": "overloaded, try again"}})
+            return
+        if score:
+            self._json(200, {"rewards": [int(m.group()) if (m := _INTEGER.search(str(r))) else 0
+                                         for r in body.get("responses", [])]})
             return
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
         binary = "<answer>A</answer>" in system
@@ -202,8 +227,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def start_judge_server(mode: str = "ok", accuracy: float = 1.0, seed: int = 0, delay_s: float = 0.0,
-                       slow_s: float = 5.0, rule=rule_verdict, port: int = 0) -> tuple[str, JudgeServer]:
+                       slow_s: float = 5.0, rule=rule_verdict, port: int = 0,
+                       trickle_s: float = 0.5) -> tuple[str, JudgeServer]:
     """Start a judge server on a loopback port (0: a free one), served by a background thread of this
-    process. `delay_s`: wait before every answer (to overlap requests); `slow_s`: the wait in mode "slow"."""
-    server = JudgeServer(mode, accuracy, seed, delay_s, slow_s, rule, port)
+    process. `delay_s`: wait before every answer (to overlap requests); `slow_s`: the wait in mode "slow";
+    `trickle_s`: the wait before each byte in mode "trickle"."""
+    server = JudgeServer(mode, accuracy, seed, delay_s, slow_s, rule, port, trickle_s)
     return server.base_url, server

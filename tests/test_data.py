@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import pytest
 from transformers import AutoTokenizer
 
 from alignment.config import DataConfig
-from alignment.data import DataError, encode_prompt, load_prompts, read_rows, step_indices
+from alignment.data import (
+    DataError, encode_prompt, load_demonstrations, load_pairs, load_prompts, read_rows, step_indices,
+)
 
 
 def test_json_jsonl_and_parquet_rows(tmp_path):
@@ -51,3 +54,95 @@ def test_step_order_is_a_permutation_per_epoch_and_stateless():
     assert sorted(epoch) == list(range(20))
     assert step_indices(2, 4, 20, seed=3) == epoch[8:12]  # any step can be recomputed on resume
     assert step_indices(5, 4, 20, seed=3) != step_indices(0, 4, 20, seed=3)  # a new order next epoch
+
+
+GOOD = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No.", "completion": "Hi!"}
+MALFORMED = [  # (field, value, what the message says after `field 'NAME'`)
+    ("prompt", ["a", "b"], "[0]: expected a message object, got str"),
+    ("prompt", [{"role": "user"}], "[0]: message has no 'content'"),
+    ("prompt", [{"role": "user", "content": "a"}, {"content": "b"}], "[1]: message has no 'role'"),
+    ("prompt", [{"role": "robot", "content": "a"}], "[0]: message role must be one of system, user, assistant, tool"),
+    ("prompt", [{"role": "user", "content": ["a"]}], "[0]: message 'content' must be str, got list"),
+    ("prompt", [{"role": "user", "content": " "}], ": every message is empty"),
+    ("prompt", [], ": no messages"),
+    ("prompt", "", ": empty text"),
+    ("chosen", [1, 2], "[0]: expected a message object, got int"),
+    ("rejected", "  \n", ": empty text"),
+    ("completion", [], ": no messages"),
+]
+
+
+def _loaders():
+    from rewards.generative import GenRMFormat, load_comparisons
+
+    def comparisons(cfg, seed):
+        return load_comparisons(cfg, GenRMFormat(), seed, reasoning=False)
+
+    return {"prompts": (load_prompts, ("prompt",)), "pairs": (load_pairs, ("prompt", "chosen", "rejected")),
+            "demonstrations": (load_demonstrations, ("prompt", "completion")),
+            "comparisons": (comparisons, ("prompt",))}
+
+
+@pytest.mark.parametrize("loader", ["prompts", "pairs", "demonstrations", "comparisons"])
+@pytest.mark.parametrize("field, value, problem", MALFORMED, ids=lambda v: str(v)[:30])
+def test_malformed_conversation_names_file_row_and_field(tmp_path, loader, field, value, problem):
+    load, fields = _loaders()[loader]
+    good = {**GOOD, "response_a": "Hi!", "response_b": "No.", "label": "A"}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    if field not in fields:  # a field this loader does not read: the rows load
+        assert len(load(DataConfig(path=str(path)), 0)[0]) == 3
+        return
+    with pytest.raises(DataError) as error:
+        load(DataConfig(path=str(path)), 0)
+    assert str(error.value) == f"{path}: row 4: field '{field}'{problem}" + (
+        f", got {value[0]['role']!r}" if "role must be" in problem else "")
+
+
+def test_demonstration_messages_need_a_prompt_and_a_final_assistant_text(tmp_path):
+    path = tmp_path / "demos.json"
+    for messages, problem in [
+        ([{"role": "assistant", "content": "x"}], "must be a prompt, then an assistant message with text"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "must be a prompt, then an"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant"}], "[1]: message has no 'content'"),
+        ("q", "must be list, got str"),
+    ]:
+        path.write_text(json.dumps([{"messages": messages}]))
+        with pytest.raises(DataError, match=rf"{path}: row 1: field 'messages'.*{re.escape(problem)}"):
+            load_demonstrations(DataConfig(path=str(path)), 0)
+    path.write_text(json.dumps([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]))
+    assert load_demonstrations(DataConfig(path=str(path)), 0)[0][0].completion == [{"role": "assistant", "content": "a"}]
+
+
+def test_non_utf8_file_names_file_row_and_byte(tmp_path):
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{jsonl}: row 2: not UTF-8 text \(byte 31 of the file\)$"):
+        load_prompts(DataConfig(path=str(jsonl)), 0)
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b'[{"prompt": "a"},\n {"prompt": "caf\xe9"}]')
+    with pytest.raises(DataError, match=rf"^{whole}: not UTF-8 text \(byte 34, line 2\)$"):
+        load_pairs(DataConfig(path=str(whole)), 0)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(DataError, match=rf"^{deep}: JSON nested too deeply$"):
+        read_rows(deep)
+
+
+def test_missing_answer_under_a_verifiable_reward_fails_at_load(capsys, tmp_path, tiny_model):
+    from alignment.cli import main
+    from tests.helpers import toy_recipe
+
+    prompts = tmp_path / "math.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2?"}) + "\n")
+    recipe = toy_recipe(tmp_path, tiny_model, data={"path": str(prompts), "eval_path": None})
+    assert main(["train", str(recipe), "reward.type=verifiable", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {prompts}: row 2: missing field 'answer' (reward.type=verifiable checks each response" in err
+    assert not (tmp_path / "out").exists()
+    prompts.write_text(json.dumps({"prompt": "1+1?", "answer": ["2"]}) + "\n")
+    assert main(["train", str(recipe), "reward.type=verifiable", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "row 1: field 'answer' must be str or int or float, got list" in capsys.readouterr().err
+    # without a verifiable reward the answer is optional
+    train, _ = load_prompts(DataConfig(path=str(prompts)), 0)
+    assert train[0].answer == ["2"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 
 import pytest
 
 from alignment.cli import build_config, main
-from alignment.config import BaseConfig, ConfigError, load_config, parse_overrides
+from alignment.config import BaseConfig, ConfigError, _section_type, check_ranges, load_config, parse_overrides
 from tests.helpers import REPO, toy_recipe
 
 
@@ -96,3 +98,98 @@ def test_every_shipped_recipe_validates(recipe):
         pytest.skip("a reward block, not a recipe")
     trainer_cls, cfg = build_config(str(recipe), [])
     assert cfg.trainer and trainer_cls.config_class is type(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "train.lr: expected > 0, got -1.0"),
+    ("train.lr=.nan", "train.lr: expected float, got nan (float)"),
+    ("train.lr=nan", "train.lr: expected float, got 'nan' (str)"),
+    ("train.log_every=0", "train.log_every: expected >= 1, got 0"),
+    ("train.max_steps=0", "train.max_steps: expected >= 1, got 0"),
+    ("train.max_steps=-2", "train.max_steps: expected >= 1, got -2"),
+    ("train.save_every=-1", "train.save_every: expected >= 0, got -1"),
+    ("data.eval_fraction=1.5", "data.eval_fraction: expected a value in [0, 1), got 1.5"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens: expected >= 1, got 0"),
+    ("rollout.temperature=-1", "rollout.temperature: expected >= 0, got -1.0"),
+    ("rollout.top_p=2", "rollout.top_p: expected a value in (0, 1], got 2.0"),
+    ("rollout.vllm.gpu_memory_utilization=0", "rollout.vllm.gpu_memory_utilization: expected a value in (0, 1], got 0.0"),
+    ("peft.dropout=1.5", "peft.dropout: expected a value in [0, 1), got 1.5"),
+    ("reward.timeout_s=0", "reward.timeout_s: expected > 0, got 0.0"),
+    ("reward.router.budget=1.5", "reward.router.budget: expected a value in [0, 1], got 1.5"),
+    ("reward.judge.max_concurrency=0", "reward.judge.max_concurrency: expected >= 1, got 0"),
+    ("reward.judge.retries=-1", "reward.judge.retries: expected >= 0, got -1"),
+    ("reward.judge.timeout_s=-5", "reward.judge.timeout_s: expected > 0, got -5.0"),
+])
+def test_out_of_range_value_names_key_range_and_value(capsys, tmp_path, tiny_model, override, message):
+    recipe = toy_recipe(tmp_path, tiny_model)
+    assert message in _fails(capsys, ["train", str(recipe), override, f"output_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+def _sections(cls, prefix=""):
+    import dataclasses
+
+    yield prefix, cls
+    for f in dataclasses.fields(cls):
+        section = _section_type(typing.get_type_hints(cls)[f.name])
+        if section is not None:
+            yield from _sections(section, f"{prefix}{f.name}.")
+
+
+def test_every_default_lies_in_its_declared_range():
+    """Each trainer's config, sections included: the declared ranges accept the defaults (and at least
+    the shared numeric keys declare one)."""
+    from trainers import TRAINERS, get_trainer
+
+    ranged = set()
+    for name in TRAINERS:
+        for prefix, section in _sections(get_trainer(name).config_class):
+            check_ranges(section(), prefix)  # raises if a default lies outside its range
+            ranged |= {prefix + f.name for f in dataclasses.fields(section) if "range" in f.metadata}
+    assert {"train.lr", "train.max_steps", "rollout.top_p", "data.eval_fraction", "peft.dropout",
+            "reward.judge.timeout_s", "reward.router.threshold"} <= ranged
+
+
+def test_malformed_yaml_names_the_file_or_override_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: pmd\ntrain:\n  lr: 1e-3\n  batch_size: [4\n")
+    err = _fails(capsys, ["train", str(bad)])
+    assert f"{bad}: invalid YAML: " in err and "(line 4, column 15)" in err
+    bad.write_text("trainer: pmd\n\tlr: 1\n")
+    assert "line 2, column 1" in _fails(capsys, ["train", str(bad)])
+    bad.write_bytes(b"trainer: pmd\n# caf\xe9\n")
+    assert f"{bad}: not UTF-8 text (byte 18)" in _fails(capsys, ["train", str(bad)])
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1e-3': the value is not valid YAML .*line 1, column 6"):
+        parse_overrides(["train.lr=[1e-3"])
+    with pytest.raises(ConfigError, match=r"override 'train.lr=!!float fast': the value is not valid YAML"):
+        parse_overrides(["train.lr=!!float fast"])
+
+
+def test_serve_rm_routing_file_goes_through_read_yaml(tmp_path):
+    from rewards.server import load_routing
+
+    bad = tmp_path / "routing.yaml"
+    bad.write_text("reward:\n  type: routed\n  router: {policy: never\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: invalid YAML: .*\(line 3, column 11\)"):
+        load_routing(bad, "unused")
+
+
+def test_missing_local_model_folder_says_so(capsys, monkeypatch, tmp_path, tiny_model):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network: fail at once
+    recipe = toy_recipe(tmp_path, tiny_model)
+    missing = tmp_path / "no" / "such" / "model"
+    err = _fails(capsys, ["train", str(recipe), f"model.path={missing}", f"output_dir={tmp_path / 'out'}"])
+    assert f"model.path: local folder {missing} does not exist" in err and "Repo id" not in err
+    assert "model.path: local folder ./nope does not exist" in _fails(capsys, ["train", str(recipe), "model.path=./nope"])
+    assert f"model.path: {recipe} is a file" in _fails(capsys, ["train", str(recipe), f"model.path={recipe}"])
+    # a hub name is still tried: offline, it fails naming the key
+    err = _fails(capsys, ["train", str(recipe), "model.path=nobody-here/no-such-model", f"output_dir={tmp_path / 'out'}"])
+    assert "model.path: cannot load a tokenizer from nobody-here/no-such-model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file(capsys, tmp_path, tiny_model):
+    recipe = toy_recipe(tmp_path, tiny_model)
+    (tmp_path / "taken").write_text("not a folder")
+    err = _fails(capsys, ["train", str(recipe), f"output_dir={tmp_path / 'taken'}"])
+    assert f"output_dir: {tmp_path / 'taken'} is a file" in err

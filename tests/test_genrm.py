@@ -21,37 +21,71 @@ from trainers.pairwise_rlhf import pairwise_group_advantage
 BINARY, MULTI = GenRMFormat("binary"), GenRMFormat("multiclass")
 
 
-@pytest.mark.parametrize("text, strength", [
-    ("<think>A looks right</think><answer>A</answer>", 1),
-    ("<answer>B</answer>", -1),
-    ("<answer>A</answer> on reflection <answer>B</answer>", -1),  # the last block wins
-    ("<answer>Assistant B</answer>", -1),  # the A of "Assistant" is not a verdict
-    ("<answer>A, no: B</answer>", -1),  # the last valid token inside the block
+BINARY_CASES = [  # (output after the reasoning, strength)
+    ("<answer>A</answer>", 1),
+    ("\n\n<answer>B</answer>", -1),
+    ("<answer> B\n</answer>", -1),  # whitespace aside
+    ("<answer>A</answer> Final: <answer>A</answer>", 1),  # an identical repeat is one verdict
+    (" <answer>A</answer>B</think>", 1),  # runs on after its answer (a tiny trained GenRM's output)
+    ("<answer>A</answer><think>again</think><answer>B</answer>", None),  # re-thought: contradictory
+    ("<answer>A</answer><think>again <answer>B</answer></think>", 1),
+    ("<answer>A</answer> on reflection <answer>B</answer>", None),  # contradictory
+    ("<answer>A or B</answer>", None),  # hedged: not the last letter
+    ("<answer>A, no: B</answer>", None),
+    ("<answer>Assistant B</answer>", None),
     ("<answer>C</answer>", None),
+    ("<answer>A</answer> <answer>", None),  # an answer left open
     ("A is better", None),  # no block
     ("<answer>A", None),  # unclosed
     ("", None),
-])
-def test_binary_parser(text, strength):
-    assert BINARY.strength(text) == strength
-    assert BINARY.parse(text) == (None if strength is None else float(strength))
-
-
-@pytest.mark.parametrize("text, strength", [
+]
+MULTICLASS_CASES = [
     ("<answer>-3</answer>", 3),  # the reference's -3: A much better -> strength +3 for A
     ("<answer>2</answer>", -2),
-    ("<answer>-1</answer>", 1),
-    ("<answer>1</answer> then <answer>-2</answer>", 2),
+    ("<answer> -1 </answer>", 1),
+    ("<answer>1</answer> then <answer>-2</answer>", None),  # contradictory
+    ("<answer>-2</answer> so <answer>-2</answer>", 2),
     ("<answer>0</answer>", None),  # not a valid score
-    ("<answer>13</answer>", None),  # not a digit of a larger number
+    ("<answer>13</answer>", None),
     ("<answer>-2.5</answer>", None),
-    ("<answer>score: 3</answer>", -3),
+    ("<answer>score: 3</answer>", None),
+    ("<answer>2 or 3</answer>", None),
     ("<answer>B</answer>", None),
+]
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+@pytest.mark.parametrize("verdict, tail, strength", [("binary", *c) for c in BINARY_CASES]
+                         + [("multiclass", *c) for c in MULTICLASS_CASES])
+def test_parser_reads_one_choice_after_the_reasoning(prefill, verdict, tail, strength):
+    fmt = GenRMFormat(verdict, think_prefill=prefill)
+    opening = "" if prefill else "<think>\n"  # a prefilled output starts inside <think>
+    text = f"{opening}Comparing: <answer>-1</answer> <answer>A</answer> seem fine.\n</think>{tail}"
+    assert fmt.strength(text) == strength
+    assert fmt.parse(text) == (None if strength is None else pytest.approx(strength / fmt.max_strength))
+    if not prefill and "think>" not in tail:  # a model that does not reason at all is read whole
+        assert fmt.strength(tail) == strength
+
+
+@pytest.mark.parametrize("text", [
+    "<think>maybe <answer>A</answer></think> so",  # the probe's: the answer is inside the reasoning
+    "<think>maybe <answer>A</answer></think>",
+    "<think>never closed <answer>A</answer>",
+    "<answer>A</answer><think>on reflection</think>",  # before the reasoning
+    "<think>a</think><think>b <answer>A</answer></think>",  # inside the last reasoning block
+    "<think>a</think>\n<think>reopened <answer>A</answer>",
 ])
-def test_multiclass_parser(text, strength):
-    assert MULTI.strength(text) == strength
-    if strength is not None:
-        assert MULTI.parse(text) == pytest.approx(strength / 3)
+def test_answers_inside_the_reasoning_are_no_verdict(text):
+    assert GenRMFormat("binary", think_prefill=False).strength(text) is None
+    assert GenRMFormat("binary", think_prefill=True).strength(text) is None
+
+
+def test_prefilled_output_is_reasoning_until_think_closes():
+    prefilled, plain = GenRMFormat("binary", think_prefill=True), GenRMFormat("binary", think_prefill=False)
+    assert prefilled.strength("A looks right <answer>A</answer>") is None  # </think> never came
+    assert plain.strength("A looks right <answer>A</answer>") == 1
+    assert prefilled.strength("A looks right\n</think>\n\n<answer>A</answer>") == 1
+    assert prefilled.strength("</think><answer>B</answer>") == -1
 
 
 def test_verdict_reward_partial_credit():
@@ -65,13 +99,15 @@ def test_pair_strength_sign_convention():
     """d > 0 means the first response (shown as A) is better."""
     a_wins = "<think>x</think><answer>A</answer>"
     assert pair_strength(BINARY, a_wins) == pytest.approx(1 / len(a_wins))  # 1 / L, L in characters
-    assert pair_strength(BINARY, "<answer>B</answer>") == pytest.approx(-1 / len("<answer>B</answer>"))
+    b_wins = "x</think><answer>B</answer>"
+    assert pair_strength(BINARY, b_wins) == pytest.approx(-1 / len(b_wins))
     long = "<think>" + "hmm " * 50 + "</think><answer>A</answer>"
     assert 0 < pair_strength(BINARY, long) < pair_strength(BINARY, a_wins)  # longer deliberation, weaker
     assert pair_strength(BINARY, a_wins, length_weight=False) == 1.0
-    assert pair_strength(MULTI, "<answer>-3</answer>") == pytest.approx(1.0)  # A much better
-    assert pair_strength(MULTI, "<answer>1</answer>") == pytest.approx(-1 / 3)  # B slightly better
+    assert pair_strength(MULTI, "</think><answer>-3</answer>") == pytest.approx(1.0)  # A much better
+    assert pair_strength(MULTI, "</think><answer>1</answer>") == pytest.approx(-1 / 3)  # B slightly better
     assert pair_strength(BINARY, "no verdict") == 0.0
+    assert pair_strength(BINARY, "<think>maybe <answer>A</answer></think> so") == 0.0  # unparsable: 0
 
 
 def test_pairwise_advantage_equals_grpo_for_reward_differences():
@@ -111,10 +147,42 @@ def test_sft_ids_prefill_is_context_and_the_turn_closes(tiny_model):
 
     tokenizer = load_tokenizer(ModelConfig(path=str(tiny_model)))
     fmt = GenRMFormat("binary", think_prefill=True)
-    prompt_ids, target_ids = fmt.sft_ids(tokenizer, Comparison("q", "a", "b", -1, "B is right."), 4096)
+    prompt_ids, target_ids, cut = fmt.sft_ids(tokenizer, Comparison("q", "a", "b", -1, "B is right."), 4096)
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n" + THINK_PREFILL)
     target = tokenizer.decode(target_ids)
-    assert target.startswith("B is right.") and target.endswith("<answer>B</answer><|im_end|>\n")
+    assert target.startswith("B is right.") and target.endswith("<answer>B</answer><|im_end|>\n") and not cut
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_sft_ids_cut_the_middle_of_a_long_reasoning(tiny_model, prefill):
+    """Over max_length the prompt stays whole and the target keeps the reasoning's beginning and end,
+    </think>, the answer and the end of turn; a prompt too long for even that gets no ids."""
+    from alignment.config import ModelConfig
+    from alignment.models import load_tokenizer
+    from rewards.generative import CUT_MARKER, Comparison
+
+    tokenizer = load_tokenizer(ModelConfig(path=str(tiny_model)))
+    fmt = GenRMFormat("binary", think_prefill=prefill)
+    reasoning = "START of the reasoning. " + " ".join(f"step{i}" for i in range(600)) + " so A it is. END"
+    row = Comparison("What is 2 + 2?", "4", "5", 1, reasoning)
+    full_prompt, full_target, cut = fmt.sft_ids(tokenizer, row, 100_000)
+    assert not cut and len(full_target) > 600
+    prompt_ids, target_ids, cut = fmt.sft_ids(tokenizer, row, 400)
+    assert cut and prompt_ids == full_prompt  # the judge prompt, criteria and answer format included
+    assert len(prompt_ids) + len(target_ids) == 400
+    target = tokenizer.decode(target_ids)
+    opening = "" if prefill else THINK_PREFILL
+    assert target.startswith(opening + "START of the reasoning. step0 step1")
+    assert target.endswith("so A it is. END\n</think>\n\n<answer>A</answer><|im_end|>\n")
+    head, _, tail = target.partition(CUT_MARKER)
+    assert "step300" not in target and fmt.strength(target) == 1
+    assert abs(len(tokenizer(head)["input_ids"]) - len(tokenizer(tail)["input_ids"])) < 25  # both ends kept alike
+    # The least a row can be cut to: the whole prompt and a target with no reasoning left; below, no ids.
+    fits = [k for k in range(40) if fmt.sft_ids(tokenizer, row, len(prompt_ids) + k) is not None]
+    assert fits == list(range(fits[0], 40)) and fits[0] > 5
+    least = fmt.sft_ids(tokenizer, row, len(prompt_ids) + fits[0])
+    assert least[0] == prompt_ids
+    assert tokenizer.decode(least[1]) == opening + CUT_MARKER + "\n</think>\n\n<answer>A</answer><|im_end|>\n"
 
 
 def test_builder_keeps_the_longest_correct_trace():
@@ -182,3 +250,42 @@ def test_openai_judge_in_think_rm_format_prefills_and_keeps_the_text():
     assert calls[0].text.endswith("<answer>A</answer>") and pair_strength(judge.fmt, calls[0].text) > 0
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
     assert body["messages"][-1] == {"role": "assistant", "content": THINK_PREFILL}
+
+
+UNPARSABLE = [  # each would have given a verdict to a parser that reads the last letter anywhere
+    "<think>maybe <answer>A</answer></think> so",
+    "A is better, so <answer>A</answer>",  # prefilled: the reasoning never closed
+    "x</think><answer>A or B</answer>",
+    "x</think><answer>A</answer> no, <answer>B</answer>",
+]
+
+
+def test_rl_reward_and_parse_fail_frac_count_unparsable_outputs():
+    """The RL stage's reward and `genrm/parse_fail_frac` read verdicts as the parser does."""
+    from types import SimpleNamespace
+
+    from alignment.data import Example
+    from alignment.online import RolloutBatch
+    from trainers.think_rm import ThinkRMRL
+
+    rl = object.__new__(ThinkRMRL)  # only what score() uses: the format, the reward, the device
+    rl.fmt, rl.backend = BINARY, SimpleNamespace(device="cpu")
+    rl.reward_fn = rl.build_reward()
+    texts = UNPARSABLE + ["x</think>\n<answer>A</answer>", "x</think><answer>B</answer>"]
+    batch = RolloutBatch([Example("p", answer=1)] * len(texts), None, texts, {}, torch.zeros(len(texts), 1))
+    assert rl.score(batch).tolist() == [0.0] * len(UNPARSABLE) + [1.0, 0.0]
+    assert batch.stats["genrm/parse_fail_frac"] == pytest.approx(len(UNPARSABLE) / len(texts))
+
+
+def test_judge_counts_unparsable_outputs_as_failures():
+    """A judge (and pairwise RLHF, which reads its Judgements) gets no verdict from them: d = 0."""
+    from rewards.judges import Judge
+
+    class Canned(Judge):
+        def _ask(self, prompts, responses_a, responses_b):
+            return [self._read(text) for text in prompts]
+
+    judge = Canned(JudgeConfig(type="openai", model="m", verdict="binary"))
+    calls = judge.judge(UNPARSABLE + ["x</think><answer>A</answer>"], ["a"] * 5, ["b"] * 5)
+    assert [c.verdict for c in calls] == [None] * 4 + [1.0] and judge.failures == 4
+    assert [pair_strength(judge.fmt, c.text) for c in calls[:4]] == [0.0] * 4

@@ -43,13 +43,26 @@ def openai_judge(base_url: str, **overrides) -> OpenAIJudge:
     ("<label>1</label>", VERDICT_A),
     ("<label>2</label>", VERDICT_B),
     ("<label>0</label>", TIE),
-    ("first <label>2</label> then, on reflection, <label> 1 </label>", VERDICT_A),  # the last label wins
+    ("<label> 1 </label>", VERDICT_A),  # whitespace aside
     ("<think>maybe <label>2</label></think>\nA is right. <label>1</label>", VERDICT_A),
-    ("<label>1</label><think>no, <label>2</label></think>", VERDICT_A),  # a label inside thinking is ignored
-    ("<think>only thinking <label>1</label></think>", None),
-    ("thinking opened by the template <label>2</label></think> no label after", None),
     ("thinking opened by the template <label>2</label></think> <label>1</label>", VERDICT_A),
-    ("<label>2</label> ... <label>3</label>", None),  # the last label is not a valid one
+    ("<think>a</think> <label>1</label> so: <label>1</label>", VERDICT_A),  # an identical repeat is one verdict
+    # after the reasoning only: a label inside it, or before it, is no verdict
+    ("<think>only thinking <label>1</label></think>", None),
+    ("<think>only thinking <label>1</label></think> so", None),
+    ("<think>never closed <label>1</label>", None),
+    ("thinking opened by the template <label>2</label></think> no label after", None),
+    ("<label>1</label><think>no, <label>2</label></think>", None),
+    ("<think>x</think><label>1</label><think>reopened <label>2</label>", VERDICT_A),
+    ("<think>x</think><label>1</label><think>again</think><label>2</label>", None),  # contradictory
+    ("<think>x</think><label>2</label> 1</think>", VERDICT_B),  # ran on after its label
+    # hedged or contradictory
+    ("first <label>2</label> then, on reflection, <label> 1 </label>", None),
+    ("<think>x</think><label>1 or 2</label>", None),
+    ("<label>1, 2</label>", None),
+    ("<label>Assistant 1</label>", None),
+    ("<label>1</label> <label>", None),  # a label left open
+    ("<label>2</label> ... <label>3</label>", None),
     ("<label>A</label>", None),
     ("Assistant A is better.", None),
     ("", None),

@@ -13,16 +13,10 @@ from alignment.config import load_config
 from alignment.models import builtin_minilm
 from rewards.preference_model import encode_comparison
 from rewards.reward_model import RewardScorer, encode_for_reward, encode_texts
-from tests.test_serve_rm import tiny_reward_model
 from trainers.reward_model import RewardModelConfig, RewardModelTrainer
 
 LONG_PROMPT = "Tell me everything about the history of the number " + " and ".join(str(i) for i in range(200)) + "."
 RESPONSES = ["It is a lovely number, truly.", "No idea, sorry.", "Numbers are boring, ask something else."]
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    return tiny_reward_model(tmp_path_factory.mktemp("rm"))
 
 
 def _decoded(tokenizer, encoded) -> list[str]:

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from alignment.config import BaseConfig, ConfigError, load_config
 from alignment.data import Example
 from rewards import build_reward
 from rewards.remote import RemoteReward, RemoteRewardClient, RemoteRewardError
-from rewards.reward_model import RewardScorer
 from rewards.server import MicroBatcher, ScoringError, create_app, sigmoid
 from tests.conftest import REPO
 
@@ -36,27 +34,6 @@ MAX_REQUEST_MB = 0.0625  # 64 KiB
 # One torch thread per server: beside the test's own process (and anything else running) on a
 # small machine, more threads spin-wait on each other and a batch can take 50x longer.
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def tiny_reward_model(folder: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    from alignment.models import builtin_smollm2
-
-    tokenizer = AutoTokenizer.from_pretrained(builtin_smollm2())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_labels=1,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    with torch.no_grad():  # the default init (std 0.02) gives rewards too alike to tell results apart
-        model.score.weight.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:
@@ -94,20 +71,6 @@ class Server:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory) -> Path:
-    return tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))
-
-
-@pytest.fixture(scope="module")
-def scorer(rm_dir) -> RewardScorer:
-    """In-process reference scoring, on one thread like the servers (see SERVER_ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield RewardScorer.from_dir(rm_dir)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +152,10 @@ def test_missing_or_wrong_key_is_401(url, path, key):
 
 @pytest.mark.parametrize("path, body, message", [
     ("/v1/score", {"prompts": ["a"]}, "responses: Field required"),
-    ("/v1/score", {"prompts": [1], "responses": ["b"]}, "prompts.0"),
+    ("/v1/score", {"prompts": [1], "responses": ["b"]}, "prompts[0]"),
     ("/v1/score", {"prompts": "a", "responses": "b"}, "prompts: Input should be a valid list"),
     ("/v1/score", {"prompts": ["a", "b"], "responses": ["c"]}, "2 prompts but 1 responses"),
-    ("/v1/score", {"prompts": [[{"content": "hi"}]], "responses": ["b"]}, "prompts.0.list[ChatMessage].0.role"),
+    ("/v1/score", {"prompts": [[{"content": "hi"}]], "responses": ["b"]}, "prompts[0].list[ChatMessage][0].role"),
     ("/v1/score", ["a", "b"], "body: Input should be a valid dictionary"),
     ("/v1/compare", {"prompts": ["a"], "responses_a": ["b"], "responses_b": []}, "0 responses_b"),
     ("/get_reward", {"queries": ["a"]}, "query: Field required"),
@@ -314,12 +277,14 @@ class FlakyScorer:
         return [float(len(t)) for t in texts]
 
 
-def test_a_scoring_failure_is_a_500_for_its_batch_only(caplog):
+def test_a_scoring_failure_is_a_500_for_its_request_only(caplog):
     with TestClient(create_app(FlakyScorer(), batch_size=8, max_wait_ms=1)) as client:
         failed = client.post("/v1/score", json={"prompts": ["a", "b"], "responses": ["ok", "boom"]})
         assert failed.status_code == 500
-        assert failed.json() == {"error": "scoring failed: RuntimeError: the model ran out of memory"}
-        assert "scoring a batch of 2 items failed" in caplog.text
+        assert failed.json() == {"error": "scoring failed: the reward model raised an error on this request's "
+                                          "items (details in the server log)"}  # no internal exception text
+        assert "scoring a request's 2 items failed" in caplog.text
+        assert "RuntimeError: the model ran out of memory" in caplog.text
         fine = client.post("/v1/score", json={"prompts": ["a", "bb"], "responses": ["ok", "yes"]})
         assert fine.json()["rewards"] == [3.0, 5.0]
         assert client.post("/get_reward", json={"query": ["abc"]}).json()["rewards"] == [3.0]

@@ -6,6 +6,7 @@ judge of routed RL and of pairwise RLHF through config alone."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -99,6 +100,46 @@ def test_think_rm_judges_routed_rl_and_pairwise_rlhf_by_config(think_rm, tmp_pat
     assert routed["router/judge_frac"] == 1.0  # 2 prompts x 3 pairs, all judged by the Think-RM
     pairwise = json.loads((tmp_path / "pairwise" / "metrics.jsonl").read_text().splitlines()[-1])
     assert pairwise["judge/calls"] == 2 * 3  # one call per unordered pair
-    # Its verdicts parse as they do on held-out pairs (< 5 %), even on a random policy's responses:
-    # at most one of the six. Measured: none of the six (default kernels).
-    assert pairwise["genrm/parse_fail_frac"] <= 1 / 6, pairwise
+    # On a random policy's gibberish (unlike held-out pairs, < 5 %) the tiny GenRM sometimes answers inside
+    # a reasoning it closes only after the answer ("...better.\n\n<answer>B</answer>A</answer>B</think>"):
+    # no verdict for a careful parser, which counts it. Measured: 2 and 3 of the six (none read by the
+    # earlier parser, which took the last <answer> anywhere).
+    assert pairwise["genrm/parse_fail_frac"] <= 4 / 6, pairwise
+
+
+def test_sft_cuts_long_reasoning_keeps_the_verdict_and_logs_truncated_frac(tmp_path, caplog):
+    """A short real SFT run: rows whose reasoning overflows sft.max_length keep their whole prompt and
+    end with the verdict and the end of turn; a row whose prompt alone overflows is dropped with a
+    warning; data/truncated_frac = (cut + dropped) / rows = 4 / 8 in metrics.jsonl."""
+    long_reasoning = "A is worth 4. " + " ".join(f"step{i}" for i in range(700)) + " So A is better."
+    rows = ([{"prompt": PROMPT, "response_a": "apple", "response_b": "river", "reasoning": "A is worth more.",
+              "label": "A"}] * 4
+            + [{"prompt": PROMPT, "response_a": "apple", "response_b": "river", "reasoning": long_reasoning,
+                "label": "A"}] * 3
+            + [{"prompt": "word " * 800, "response_a": "apple", "response_b": "river", "reasoning": "short",
+                "label": "B"}])
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"trainer": "think_rm", "seed": 0, "think_rm": {"criteria": CRITERIA, "verdict": "binary"},
+              "train": {"bf16": False}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    trainer_cls, cfg = build_config(str(tmp_path / "recipe.yaml"), [
+        f"model.path={tiny_llama(tmp_path / 'tiny')}", f"output_dir={tmp_path / 'out'}", f"data.path={data}",
+        "sft.max_length=512", "train.max_steps=2", "train.batch_size=4"])
+    with caplog.at_level(logging.INFO, logger="alignment"):
+        trainer = trainer_cls(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("dropped 1 of 8 training rows" in m and "sft.jsonl: row 8" in m for m in messages), messages
+    assert any("3 of 8 training rows had their reasoning cut" in m and "truncated_frac 0.500" in m
+               for m in messages), messages
+    assert len(trainer.train_set) == 7
+    tokenizer = trainer.tokenizer
+    for prompt_ids, target_ids in trainer.train_set:
+        assert len(prompt_ids) + len(target_ids) <= 512
+        assert tokenizer.decode(prompt_ids).startswith("<|im_start|>system\n" + CRITERIA)  # never cut at its start
+        assert tokenizer.decode(target_ids).endswith("</think>\n\n<answer>A</answer><|im_end|>\n")
+    cut = [t for _, t in trainer.train_set if "step699 So A is better." in tokenizer.decode(t)]
+    assert len(cut) == 3 and all("step350" not in tokenizer.decode(t) for t in cut)
+    trainer.train()
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/truncated_frac"] for r in steps] == [0.5, 0.5]  # one row per step (log_every 1)

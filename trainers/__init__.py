@@ -22,7 +22,7 @@ TRAINERS = {
 
 
 def get_trainer(name: str):
-    if name not in TRAINERS:
+    if not isinstance(name, str) or name not in TRAINERS:
         raise ConfigError(f"trainer: unknown trainer {name!r} (valid: {', '.join(sorted(TRAINERS))})")
     module, cls = TRAINERS[name].split(":")
     return getattr(importlib.import_module(module), cls)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig, bounded
 from alignment.data import encode_conversations
 from alignment.models import PolicyModel, apply_peft, frozen_copy, load_causal_lm, pack, reference_logprobs
 from alignment.offline import PairwiseTrainer
@@ -27,9 +27,9 @@ from alignment.offline import PairwiseTrainer
 @dataclass
 class DPOOptions:
     loss: Literal["sigmoid", "r3m"] = "sigmoid"
-    beta: float = 0.1
+    beta: float = bounded(0.1, gt=0)
     lam: float = 0.75  # R^3M lambda in (0, 1)
-    max_length: int = 512
+    max_length: int = bounded(512, ge=1)
 
 
 @dataclass
@@ -41,11 +41,6 @@ class DPOTrainer(PairwiseTrainer):
     config_class = DPOConfig
     section = "dpo"
     dropout = False
-
-    def check_config(self) -> None:
-        super().check_config()
-        if self.cfg.dpo.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be positive, got {self.cfg.dpo.beta}")
 
     def build_model(self):
         lm = load_causal_lm(self.cfg.model)

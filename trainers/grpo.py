@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import trainers.ppo  # noqa: F401 - registers the `ppo` clipped surrogate
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig, ConfigError, bounded
 from alignment.models import frozen_copy, load_causal_lm, reference_logprobs
 from alignment.online import (
     POLICY_LOSSES, OnlineTrainer, RolloutBatch, masked_mean, register_advantage, register_policy_loss,
@@ -53,8 +53,8 @@ def grpo_loss(logp, old_logp, advantages, mask, clip: float, kl_coef: float, ref
 
 @dataclass
 class GRPOOptions:
-    clip: float = 0.2  # policy-ratio clip
-    kl_coef: float = 1e-3  # KL loss weight (verl's default; Think-RM used 1e-4); 0: no reference model
+    clip: float = bounded(0.2, gt=0, lt=1)  # policy-ratio clip
+    kl_coef: float = bounded(1e-3, ge=0)  # KL loss weight (verl's default; Think-RM used 1e-4); 0: no reference model
 
 
 @dataclass
@@ -70,9 +70,6 @@ class GRPOTrainer(OnlineTrainer):
 
     def check_config(self) -> None:
         super().check_config()
-        g = self.cfg.grpo
-        if not 0 < g.clip < 1 or g.kl_coef < 0:
-            raise ConfigError(f"grpo: need 0 < clip < 1 and kl_coef >= 0, got {g}")
         if self.cfg.rollout.n < 2:
             raise ConfigError("rollout.n: group-relative advantages need at least 2 samples per prompt")
 

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig, ConfigError, bounded
 from alignment.online import OnlineTrainer, register_advantage, register_policy_loss
 
 
@@ -60,7 +60,7 @@ def pmd_loss(logp, old_logp, advantages, mask, tau: float):
 
 @dataclass
 class PMDSection:
-    tau: float = 0.1
+    tau: float = bounded(0.1, gt=0)
     baseline: Literal["mean", "partition"] = "mean"
 
 
@@ -78,8 +78,6 @@ class PMDTrainer(OnlineTrainer):
         super().check_config()
         if self.cfg.rollout.n < 2:
             raise ConfigError("rollout.n: PMD's leave-one-out baselines need at least 2 samples per prompt")
-        if self.cfg.pmd.tau <= 0:
-            raise ConfigError(f"pmd.tau: must be positive, got {self.cfg.pmd.tau}")
         self.advantage = "rloo" if self.cfg.pmd.baseline == "mean" else "ploo"
 
     def advantage_params(self) -> dict:

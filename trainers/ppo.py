@@ -37,7 +37,7 @@ import torch.distributed as dist
 from transformers import AutoModel
 
 from alignment.backend import Backend
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig, ConfigError, bounded
 from alignment.models import apply_peft, autocast, frozen_copy, hf_model, load_causal_lm, reference_logprobs, resolve_path
 from alignment.online import (
     OnlineTrainer, RolloutBatch, kl_k3, masked_mean, register_advantage, register_policy_loss,
@@ -130,20 +130,20 @@ class ValueModel(torch.nn.Module):
 # ---- config -----------------------------------------------------------------------------------
 @dataclass
 class PPOOptions:
-    epochs: int = 2  # optimizer passes over each rollout batch (TRL num_ppo_epochs 4, OpenRLHF 1)
-    clip: float = 0.2  # policy ratio clip
-    value_clip: float = 0.2  # critic: values move at most this far from their rollout-time values
-    gamma: float = 1.0
-    lam: float = 0.95
+    epochs: int = bounded(2, ge=1)  # optimizer passes over each rollout batch (TRL num_ppo_epochs 4, OpenRLHF 1)
+    clip: float = bounded(0.2, gt=0, lt=1)  # policy ratio clip
+    value_clip: float = bounded(0.2, gt=0)  # critic: values move at most this far from their rollout-time values
+    gamma: float = bounded(1.0, ge=0, le=1)
+    lam: float = bounded(0.95, ge=0, le=1)
     whiten_advantages: bool = True  # over the global batch's response tokens
     whiten_rewards: bool = False  # sequence scores to zero mean, unit std over the global batch
-    critic_lr: float = 1e-5
+    critic_lr: float = bounded(1e-5, gt=0)
     critic_model: str | None = None  # critic backbone; None: the policy's initial model
 
 
 @dataclass
 class KLOptions:
-    coef: float = 0.05  # per-token penalty (TRL's default)
+    coef: float = bounded(0.05, ge=0)  # per-token penalty (TRL's default)
     # sft: the initial policy (a frozen copy, or the LoRA policy with adapters off);
     # base: the pretrained model of Self-Rewarding PPO (model.path there)
     reference: Literal["sft", "base"] = "sft"
@@ -160,6 +160,7 @@ class PPOTrainer(OnlineTrainer):
     config_class = PPOConfig
     policy_loss = "ppo"
     has_base_model = False  # Self-Rewarding PPO has a pretrained base besides the initial policy
+    resume_fixed_keys = OnlineTrainer.resume_fixed_keys + ("ppo.critic_model",)
 
     def __init__(self, cfg: PPOConfig):
         super().__init__(cfg)
@@ -187,11 +188,6 @@ class PPOTrainer(OnlineTrainer):
 
     def check_config(self) -> None:
         super().check_config()
-        p = self.cfg.ppo
-        if p.epochs < 1 or not 0 < p.clip < 1 or p.value_clip <= 0 or not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
-            raise ConfigError(f"ppo: need epochs >= 1, 0 < clip < 1, value_clip > 0, gamma and lam in [0, 1]; got {p}")
-        if self.cfg.kl.coef < 0:
-            raise ConfigError(f"kl.coef: must be >= 0, got {self.cfg.kl.coef}")
         if self.cfg.kl.reference == "base" and not self.has_base_model:
             raise ConfigError("kl.reference=base: plain PPO has no base model (its reference is the initial "
                               "policy, kl.reference=sft); Self-Rewarding PPO (trainer: sr_ppo) has one")

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig, ConfigError, bounded
 from alignment.models import apply_peft, resolve_path
 from alignment.offline import PairwiseTrainer
 from rewards.preference_model import HEAD_FILE, HeadOptions, PreferenceModel, encode_comparison
@@ -50,7 +50,7 @@ class PMOptions(HeadOptions):
     # transformer layers of the backbone that are trained, counted from the top; the embeddings and the
     # layers below stay as loaded. -1: all (full fine-tuning); 0: the head only. A feature map that is
     # not fine-tuned cannot collapse inputs it has not seen onto the training data, which SNGP needs.
-    trainable_layers: int = -1
+    trainable_layers: int = bounded(-1, ge=-1)
     # precision weights: identity (the reference code) or p(1 - p) (the Laplace approximation)
     laplace_weights: bool = False
 
@@ -83,9 +83,6 @@ class PreferenceModelTrainer(PairwiseTrainer):
     def check_config(self) -> None:
         super().check_config()
         pm = self.cfg.pm
-        if pm.random_features < 1 or pm.ridge <= 0 or pm.gp_amplitude < 0:
-            raise ConfigError(f"pm: random_features ({pm.random_features}) and ridge ({pm.ridge}) must be positive, "
-                              f"gp_amplitude ({pm.gp_amplitude}) not negative")
         spread = {"ensemble": ("ensemble_size", pm.ensemble_size), "mc_dropout": ("mc_samples", pm.mc_samples)}
         if pm.uncertainty in spread and spread[pm.uncertainty][1] < 2:
             raise ConfigError(f"pm.{spread[pm.uncertainty][0]}: at least 2 with pm.uncertainty={pm.uncertainty}, "

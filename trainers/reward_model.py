@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from alignment.config import BaseConfig
+from alignment.config import BaseConfig, bounded
 from alignment.models import apply_peft, load_reward_model
 from alignment.offline import PairwiseTrainer
 from rewards.reward_model import MAX_LENGTH_KEY, RewardForward, encode_for_reward
@@ -27,8 +27,8 @@ from rewards.reward_model import MAX_LENGTH_KEY, RewardForward, encode_for_rewar
 class RMOptions:
     loss: Literal["bt", "r3m"] = "bt"
     lam: float = 0.75  # R^3M lambda in (0, 1): pairs with margin < log(1/lam - 1) are flagged
-    margin_scale: float = 0.0  # > 0: ask for r_chosen - r_rejected > margin_scale * strength
-    max_length: int = 512
+    margin_scale: float = bounded(0.0, ge=0)  # > 0: ask for r_chosen - r_rejected > margin_scale * strength
+    max_length: int = bounded(512, ge=1)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import trainers.ppo  # noqa: F401 - registers the `ppo` policy loss
-from alignment.config import BaseConfig, ConfigError
+from alignment.config import BaseConfig, ConfigError, bounded
 from alignment.online import ADVANTAGES, OnlineTrainer, RolloutBatch, register_advantage
 from rewards.routing import PairRouter, pairwise_advantage
 from rewards.verifiable import is_correct
@@ -36,9 +36,9 @@ register_advantage("pairwise")(pairwise_advantage)
 
 @dataclass
 class RoutedOptions:
-    scale: float = 1.0  # c in A_i = c * mean_j S_ij
-    max_advantage: float = 10.0  # advantages clamped to +-this
-    clip: float = 0.2  # policy-ratio clip (matters with train.mini_batches > 1)
+    scale: float = bounded(1.0, gt=0)  # c in A_i = c * mean_j S_ij
+    max_advantage: float = bounded(10.0, gt=0)  # advantages clamped to +-this
+    clip: float = bounded(0.2, gt=0, lt=1)  # policy-ratio clip (matters with train.mini_batches > 1)
     verifier: bool = False  # exclude responses that fail the prompts' rule-based check from pairing
 
 

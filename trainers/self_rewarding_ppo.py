@@ -91,6 +91,7 @@ def train_sft_stage(cfg: SRPPOConfig) -> str:
 class SelfRewardingPPOTrainer(PPOTrainer):
     config_class = SRPPOConfig
     has_base_model = True
+    resume_fixed_keys = PPOTrainer.resume_fixed_keys + ("sr_ppo.sft_model",)
 
     def __init__(self, cfg: SRPPOConfig):
         self.sft_path = cfg.sr_ppo.sft_model or train_sft_stage(cfg)

@@ -8,11 +8,16 @@ pairwise verdict (Hong et al., NeurIPS 2025; format in rewards/generative.py). T
    "reasoning", "label"}` (`rewards.generative.build_sft_examples` makes them from preference pairs
    and a teacher, keeping the longest correct trace per pair). The prompt is the judge prompt (with
    "<think>\\n" prefilled when `think_prefill`); the target is the reasoning, </think>, and the
-   <answer>; plain NLL on the target (trainers/sft.py).
+   <answer>; plain NLL on the target (trainers/sft.py). A row longer than `sft.max_length` keeps its
+   whole prompt and the beginning and end of its reasoning (its middle cut, "\\n...\\n" in its
+   place), so the verdict is always learned; a row whose prompt and verdict alone are too long is
+   dropped with a warning. `data/truncated_frac` (logged each step) is the fraction of training rows
+   cut or dropped.
 2. **Rule-based RL**: GRPO (trainers/grpo.py: group-normalised advantage, clipped loss, low_var_kl
    KL loss) on the same judge prompts, rewarded by the verdict: binary 1 if right, else 0;
-   multiclass 1 exact, 0.5 right side, 0 otherwise (unparsable: 0, counted in
-   `genrm/parse_fail_frac`). Rows need no reasoning.
+   multiclass 1 exact, 0.5 right side, 0 otherwise (unparsable, i.e. no one valid answer outside the
+   reasoning as rewards/generative.py reads it: 0, counted in `genrm/parse_fail_frac`). Rows need no
+   reasoning.
 
 Both stages write `final/genrm.json` (verdict type, prefill, criteria): the RL stage and a
 `generative_rm` judge on the model read it, so every stage asks the way the model learned.
@@ -23,18 +28,21 @@ verdicts; the SFT stage `eval/loss`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from alignment.data import Example
+from alignment.data import DataError, Example
 from alignment.models import resolve_path
 from alignment.online import RolloutBatch
 from rewards.generative import GenRMFormat, encode_judge_prompt, load_comparisons, verdict_reward
 from trainers.grpo import GRPOConfig, GRPOTrainer
 from trainers.sft import SFTOptions, SFTTrainer
+
+log = logging.getLogger("alignment")
 
 
 @dataclass
@@ -60,7 +68,9 @@ def genrm_format(cfg: ThinkRMConfig) -> GenRMFormat:
 
 
 class ThinkRMSFT(SFTTrainer):
-    """Stage 1: next-token NLL on the teacher's reasoning and verdict."""
+    """Stage 1: next-token NLL on the teacher's reasoning and verdict. Rows are encoded once, at load
+    time: one longer than `sft.max_length` keeps its whole prompt and loses the middle of its
+    reasoning (GenRMFormat.sft_ids), one whose prompt and verdict alone are too long is dropped."""
 
     config_class = ThinkRMConfig
 
@@ -69,11 +79,37 @@ class ThinkRMSFT(SFTTrainer):
         super().__init__(cfg)
 
     def load_data(self):
-        return load_comparisons(self.cfg.data, self.fmt, self.cfg.seed, reasoning=True)
+        train, held_out = load_comparisons(self.cfg.data, self.fmt, self.cfg.seed, reasoning=True)
+        train, cut, dropped = self._fit(train, "training")
+        held_out, *_ = self._fit(held_out, "held-out")
+        if not train:
+            raise DataError(f"think_rm sft: none of the {dropped} training rows fits sft.max_length="
+                            f"{self.cfg.sft.max_length} even without its reasoning")
+        # data/truncated_frac: the fraction of training rows that do not reach training whole, their
+        # reasoning cut to fit sft.max_length or the row dropped; logged with every step.
+        self.truncated_frac = (cut + dropped) / (len(train) + dropped)
+        log.info("think_rm sft: %d of %d training rows had their reasoning cut to fit sft.max_length=%d, %d "
+                 "dropped (data/truncated_frac %.3f)", cut, len(train) + dropped, self.cfg.sft.max_length,
+                 dropped, self.truncated_frac)
+        return train, held_out
+
+    def _fit(self, rows, kind: str) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+        """(prompt ids, target ids) of the rows that fit sft.max_length, how many were cut, how many dropped."""
+        encoded = [self.fmt.sft_ids(self.tokenizer, c, self.cfg.sft.max_length) for c in rows]
+        too_long = [c.origin for c, ids in zip(rows, encoded) if ids is None]
+        if too_long:
+            log.warning("think_rm sft: dropped %d of %d %s rows whose judge prompt and verdict alone exceed "
+                        "sft.max_length=%d (raise it or shorten the prompts): %s%s", len(too_long), len(rows), kind,
+                        self.cfg.sft.max_length, ", ".join(too_long[:5]), ", ..." if len(too_long) > 5 else "")
+        kept = [ids for ids in encoded if ids is not None]
+        return [(p, t) for p, t, _ in kept], sum(cut for *_, cut in kept), len(too_long)
 
     def encode(self, rows):
-        ids = [self.fmt.sft_ids(self.tokenizer, c, self.cfg.sft.max_length) for c in rows]
-        return [p for p, _ in ids], [t for _, t in ids]
+        return [p for p, _ in rows], [t for _, t in rows]
+
+    def loss(self, rows):
+        loss, stats = super().loss(rows)
+        return loss, {**stats, "data/truncated_frac": self.truncated_frac}
 
     def finish(self, out: Path) -> None:
         if self.backend.is_main:
