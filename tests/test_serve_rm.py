@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,18 @@ MAX_REQUEST_MB = 0.0625  # 64 KiB
 # One torch thread per server: beside the test's own process (and anything else running) on a
 # small machine, more threads spin-wait on each other and a batch can take 50x longer.
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@contextmanager
+def running(servers: dict):
+    """Servers started together (start-up is mostly imports): ready on entry, stopped on exit."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def free_port() -> int:
@@ -78,18 +91,12 @@ def servers(rm_dir, tmp_path_factory) -> dict[str, Server]:
     """Both servers start together (start-up is mostly imports): `main`, the one most tests use, takes
     its key from the environment variable; `graceful`, for the SIGTERM test, from --api-key."""
     logs = tmp_path_factory.mktemp("serve-rm")
-    started = {
+    with running({
         "main": Server(rm_dir, logs / "main.log", "--batch-size", "16", "--max-items", str(MAX_ITEMS),
                        "--max-request-mb", str(MAX_REQUEST_MB), env={"ALIGN_RM_API_KEY": KEY}),
         "graceful": Server(rm_dir, logs / "graceful.log", "--api-key", KEY),
-    }
-    try:
-        for server in started.values():
-            server.wait_ready()
+    }) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from rewards.server import create_app
 from tests.conftest import REPO
-from tests.test_serve_rm import KEY, SERVER_ENV, FlakyScorer, Server, free_port, post
+from tests.test_serve_rm import KEY, SERVER_ENV, FlakyScorer, Server, free_port, post, running
 
 MAX_ITEMS = 256
 BODY_TIMEOUT_S = 1.5
@@ -51,20 +51,14 @@ def servers(rm_dir, tmp_path_factory) -> dict[str, Server]:
     `timed` (a key, short body and keep-alive timeouts: auth, deadlines), `drain` (default size
     limits, a long body deadline and a short shutdown drain: memory, then SIGTERM with a stalled client)."""
     logs = tmp_path_factory.mktemp("serve-rm-hardening")
-    started = {
+    with running({
         "open": Server(rm_dir, logs / "open.log", "--host", "0.0.0.0", "--batch-size", "16",
                        "--max-items", str(MAX_ITEMS), "--max-request-mb", "1"),
         "timed": ServeCall(rm_dir, logs / "timed.log", api_key=KEY, body_timeout_s=BODY_TIMEOUT_S,
                            keep_alive_s=KEEP_ALIVE_S),
         "drain": ServeCall(rm_dir, logs / "drain.log", body_timeout_s=120.0, drain_timeout_s=DRAIN_TIMEOUT_S),
-    }
-    try:
-        for server in started.values():
-            server.wait_ready()
+    }) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 def raw_post(url: str, path: str, content: bytes, content_type: str | None = "application/json",
