@@ -32,14 +32,38 @@ def test_unknown_section_and_trainer_key(capsys, tmp_path, tiny_model):
     assert "unknown trainer 'ppo2' (valid: dpo, grpo, pairwise_rlhf, pmd, ppo, preference_model, reward_model, routed_rl, sft, sr_ppo, think_rm)" in _fails(capsys, ["train", str(recipe), "trainer=ppo2"])
 
 
+OUT_OF_RANGE = [
+    ("train.lr=-1", "train.lr: expected > 0, got -1.0"),
+    ("train.lr=.nan", "train.lr: expected float, got nan (float)"),
+    ("train.lr=nan", "train.lr: expected float, got 'nan' (str)"),
+    ("train.log_every=0", "train.log_every: expected >= 1, got 0"),
+    ("train.max_steps=0", "train.max_steps: expected >= 1, got 0"),
+    ("train.max_steps=-2", "train.max_steps: expected >= 1, got -2"),
+    ("train.save_every=-1", "train.save_every: expected >= 0, got -1"),
+    ("data.eval_fraction=1.5", "data.eval_fraction: expected a value in [0, 1), got 1.5"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens: expected >= 1, got 0"),
+    ("rollout.temperature=-1", "rollout.temperature: expected >= 0, got -1.0"),
+    ("rollout.top_p=2", "rollout.top_p: expected a value in (0, 1], got 2.0"),
+    ("rollout.vllm.gpu_memory_utilization=0", "rollout.vllm.gpu_memory_utilization: expected a value in (0, 1], got 0.0"),
+    ("peft.dropout=1.5", "peft.dropout: expected a value in [0, 1), got 1.5"),
+    ("reward.timeout_s=0", "reward.timeout_s: expected > 0, got 0.0"),
+    ("reward.router.budget=1.5", "reward.router.budget: expected a value in [0, 1], got 1.5"),
+    ("reward.judge.max_concurrency=0", "reward.judge.max_concurrency: expected >= 1, got 0"),
+    ("reward.judge.retries=-1", "reward.judge.retries: expected >= 0, got -1"),
+    ("reward.judge.timeout_s=-5", "reward.judge.timeout_s: expected > 0, got -5.0"),
+]
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lr=fast", "train.lr: expected float, got 'fast' (str)"),
     ("train.max_steps=2.5", "train.max_steps: expected int, got 2.5 (float)"),
     ("pmd.baseline=median", "pmd.baseline: expected one of 'mean' | 'partition', got 'median'"),
     ("train.bf16=maybe", "train.bf16: expected bool, got 'maybe' (str)"),
     ("rollout=3", "rollout: expected RolloutConfig, got 3 (int)"),
+    *OUT_OF_RANGE,
 ])
-def test_wrong_type_names_the_expected_type(capsys, tmp_path, tiny_model, override, message):
+def test_wrong_value_names_the_key_and_what_it_expects(capsys, tmp_path, tiny_model, override, message):
+    """A wrong type names the expected type; a number out of range names the range; nothing is written."""
     recipe = toy_recipe(tmp_path, tiny_model)
     assert message in _fails(capsys, ["train", str(recipe), override, f"output_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
@@ -98,32 +122,6 @@ def test_every_shipped_recipe_validates(recipe):
         pytest.skip("a reward block, not a recipe")
     trainer_cls, cfg = build_config(str(recipe), [])
     assert cfg.trainer and trainer_cls.config_class is type(cfg)
-
-
-@pytest.mark.parametrize("override, message", [
-    ("train.lr=-1", "train.lr: expected > 0, got -1.0"),
-    ("train.lr=.nan", "train.lr: expected float, got nan (float)"),
-    ("train.lr=nan", "train.lr: expected float, got 'nan' (str)"),
-    ("train.log_every=0", "train.log_every: expected >= 1, got 0"),
-    ("train.max_steps=0", "train.max_steps: expected >= 1, got 0"),
-    ("train.max_steps=-2", "train.max_steps: expected >= 1, got -2"),
-    ("train.save_every=-1", "train.save_every: expected >= 0, got -1"),
-    ("data.eval_fraction=1.5", "data.eval_fraction: expected a value in [0, 1), got 1.5"),
-    ("rollout.max_new_tokens=0", "rollout.max_new_tokens: expected >= 1, got 0"),
-    ("rollout.temperature=-1", "rollout.temperature: expected >= 0, got -1.0"),
-    ("rollout.top_p=2", "rollout.top_p: expected a value in (0, 1], got 2.0"),
-    ("rollout.vllm.gpu_memory_utilization=0", "rollout.vllm.gpu_memory_utilization: expected a value in (0, 1], got 0.0"),
-    ("peft.dropout=1.5", "peft.dropout: expected a value in [0, 1), got 1.5"),
-    ("reward.timeout_s=0", "reward.timeout_s: expected > 0, got 0.0"),
-    ("reward.router.budget=1.5", "reward.router.budget: expected a value in [0, 1], got 1.5"),
-    ("reward.judge.max_concurrency=0", "reward.judge.max_concurrency: expected >= 1, got 0"),
-    ("reward.judge.retries=-1", "reward.judge.retries: expected >= 0, got -1"),
-    ("reward.judge.timeout_s=-5", "reward.judge.timeout_s: expected > 0, got -5.0"),
-])
-def test_out_of_range_value_names_key_range_and_value(capsys, tmp_path, tiny_model, override, message):
-    recipe = toy_recipe(tmp_path, tiny_model)
-    assert message in _fails(capsys, ["train", str(recipe), override, f"output_dir={tmp_path / 'out'}"])
-    assert not (tmp_path / "out").exists()
 
 
 def _sections(cls, prefix=""):
