@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -186,23 +185,13 @@ class OpenAIJudge(Judge):
         if self.fmt.prefill:  # vLLM's extension: the reply continues an assistant turn opened with the prefill
             body.update(messages=messages + [{"role": "assistant", "content": self.fmt.prefill}],
                         continue_final_message=True, add_generation_prompt=False)
-        attempts = self.cfg.retries + 1
-        last_error = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self._http.request("POST", "/chat/completions", json=body)
-            except httpx.TransportError as e:  # refused or dropped connections, timeouts (BoundedClient's included)
-                last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                last_error = f"HTTP {response.status_code}: {_shorten(response.text, 80)}"
-                continue
-            if response.status_code >= 400:  # our request is wrong: asking again cannot help
-                return Judgement(None, reason=f"HTTP {response.status_code}: {_shorten(response.text, 80)}")
-            return self._read_reply(response)
-        return Judgement(None, reason=f"no reply after {attempts} attempts: {last_error}")
+        response, last_error = self._http.request_retried("POST", "/chat/completions", self.cfg.retries,
+                                                          self.backoff_s, lambda r: _shorten(r.text, 80), json=body)
+        if response is None:
+            return Judgement(None, reason=f"no reply after {self.cfg.retries + 1} attempts: {last_error}")
+        if response.status_code >= 400:  # our request is wrong: asking again cannot help
+            return Judgement(None, reason=f"HTTP {response.status_code}: {_shorten(response.text, 80)}")
+        return self._read_reply(response)
 
     def _read_reply(self, response: httpx.Response) -> Judgement:
         try:

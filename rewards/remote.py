@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+from typing import Callable
 
 import httpx
 
@@ -58,6 +59,27 @@ class BoundedClient:
             return asyncio.run_coroutine_threadsafe(bounded, self._loop).result()
         except asyncio.TimeoutError:
             raise httpx.TimeoutException(f"no complete reply within {self.timeout_s:g} s") from None
+
+    def request_retried(self, method: str, path: str, retries: int, backoff_s: float,
+                        describe: Callable[[httpx.Response], str], **kwargs) -> tuple[httpx.Response | None, str]:
+        """(the first reply that is not a transient fault, ""): transport errors, timeouts, 429 and 5xx are
+        asked again up to `retries` times with exponential backoff; any other reply, a 4xx included, is
+        returned (asking again cannot help). (None, the last fault, a reply told by `describe`) when
+        every try failed."""
+        last_error = ""
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+            try:
+                response = self.request(method, path, **kwargs)
+            except httpx.TransportError as e:  # refused or dropped connections, timeouts (the deadline's included)
+                last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                last_error = f"HTTP {response.status_code}: {describe(response)}"
+                continue
+            return response, ""
+        return None, last_error
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -105,26 +127,17 @@ class RemoteRewardClient:
         return [float(r) for r in rewards]
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        attempts = self.retries + 1
-        last_error = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self._http.request(method, path, json=body)
-            except httpx.TransportError as e:  # refused or dropped connections, timeouts
-                last_error = f"{type(e).__name__}: {e}"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                last_error = f"HTTP {response.status_code}: {_server_message(response)}"
-                continue
-            if response.status_code >= 400:  # our request is wrong: asking again cannot help
-                raise RemoteRewardError(f"{self.url}{path}: HTTP {response.status_code}: {_server_message(response)}")
-            try:
-                return response.json()
-            except ValueError:
-                raise RemoteRewardError(f"{self.url}{path}: the reply is not JSON: {response.text[:200]!r}") from None
-        raise RemoteRewardError(f"{self.url}{path}: no valid reply after {attempts} attempts; last error: {last_error}")
+        response, last_error = self._http.request_retried(method, path, self.retries, self.backoff_s, _server_message,
+                                                          json=body)
+        if response is None:
+            raise RemoteRewardError(f"{self.url}{path}: no valid reply after {self.retries + 1} attempts; last error: "
+                                    f"{last_error}")
+        if response.status_code >= 400:  # our request is wrong: asking again cannot help
+            raise RemoteRewardError(f"{self.url}{path}: HTTP {response.status_code}: {_server_message(response)}")
+        try:
+            return response.json()
+        except ValueError:
+            raise RemoteRewardError(f"{self.url}{path}: the reply is not JSON: {response.text[:200]!r}") from None
 
 
 class RemoteReward:
