@@ -2,7 +2,7 @@
 
 DeepSpeed is driven directly through `deepspeed.initialize` (as OpenRLHF does), never through
 accelerate's `Accelerator`: on CPU hosts that object reports world size 1 on every rank although the
-process group has 2 (see environment.md). Rank and world size always come from torch.distributed.
+process group has 2 (measured with accelerate 1.15 and gloo). Rank and world size always come from torch.distributed.
 Launch with `accelerate launch --config_file launch/zero2.yaml`, `deepspeed` or `torchrun`; the
 DeepSpeed JSON comes from `train.deepspeed` or from the accelerate config's `deepspeed_config_file`.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from alignment.compression.adalora import AdaLoRABudget, find_adalora
+from alignment.adapters import AdaLoRABudget, find_adalora
 from alignment.config import ConfigError, TrainConfig
 
 
@@ -36,7 +36,8 @@ def deepspeed_config_path(train: TrainConfig) -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if not path:
-            raise ConfigError("accelerate launched with DeepSpeed but no deepspeed_config_file: use a config in launch/")
+            raise ConfigError("accelerate launched with DeepSpeed but no deepspeed_config_file: "
+                              "use a config in launch/")
         return path
     return None
 
@@ -86,7 +87,7 @@ class Backend:
     A step is `train.gradient_accumulation_steps` calls of `backward(loss)`, each on a micro-batch
     with its mean loss, then one `step()`: the gradient is the average over the micro-batches. An
     AdaLoRA model's budget is driven at every `step()` and its orthogonality penalty is added to
-    every loss (alignment/compression/adalora.py).
+    every loss (alignment/adapters.py).
     """
 
     def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int):
@@ -94,7 +95,8 @@ class Backend:
         self.rank, self.world_size = init_distributed(ds_path is not None)
         self.is_main = self.rank == 0
         self.train = train
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         self.module = module.to(self.device)
         self.params = [p for p in module.parameters() if p.requires_grad]
         # fused: one pass over parameters, gradients and moments (CPU and GPU kernels in torch >= 2.4).

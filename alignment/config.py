@@ -152,8 +152,10 @@ class TrainConfig:
     # offline trainers (sft, reward_model, dpo): when > 0, steps = ceil(epochs * rows / batch_size)
     epochs: float = bounded(0.0, ge=0)
     lr: float = bounded(1e-5, gt=0)
-    batch_size: int = bounded(2, ge=1)  # prompts per rollout step (global, across ranks)
-    mini_batches: int = bounded(1, ge=1)  # optimizer steps per rollout batch (off-policy updates)
+    # dataset rows per step (global, across ranks): preference pairs or demonstrations offline, prompts
+    # online (each rolled out rollout.n times)
+    batch_size: int = bounded(2, ge=1)
+    mini_batches: int = bounded(1, ge=1)  # online: optimizer steps per rollout batch (off-policy updates)
     weight_decay: float = bounded(0.0, ge=0)
     max_grad_norm: float = bounded(1.0, gt=0)
     warmup_steps: int = bounded(0, ge=0)
@@ -165,6 +167,21 @@ class TrainConfig:
     # passes whose gradients are averaged (memory, not math: the step sees the same rows)
     gradient_accumulation_steps: int = bounded(1, ge=1)
     deepspeed: str | None = None  # DeepSpeed JSON; also taken from `accelerate launch` configs
+
+
+@dataclass
+class AlgoConfig:
+    """The objective of a group online trainer, chosen by name (alignment/algos.py); each trainer's
+    config sets its method's defaults, and any combination runs (e.g. `trainer: grpo` with
+    `algo.advantage: rloo` and `algo.policy_loss: pmd`)."""
+
+    # reward estimators: grpo | rloo | ploo; preference estimators (pairwise trainers): pairwise_rloo | pairwise_grpo
+    advantage: str = "grpo"
+    policy_loss: str = "ppo"  # ppo (clipped surrogate) | pmd (mirror-descent regression)
+    clip: float = bounded(0.2, gt=0, lt=1)  # ppo: policy-ratio clip
+    tau: float = bounded(0.1, gt=0)  # pmd loss and the ploo baseline: the mirror-descent temperature
+    kl_coef: float = bounded(0.0, ge=0)  # KL loss to the initial policy (0: none, and no reference model)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (verl's low_var_kl)
 
 
 @dataclass
@@ -328,11 +345,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+# Keys that were renamed or removed: what to write instead.
+RENAMED = {
+    "pmd.tau": "algo.tau",
+    "pmd.baseline": "algo.advantage (mean: rloo, partition: ploo)",
+    "grpo.clip": "algo.clip",
+    "grpo.kl_coef": "algo.kl_coef",
+    "routed.clip": "algo.clip",
+    "ppo.epochs": "ppo.passes (optimizer passes over each rollout batch; train.epochs counts dataset epochs)",
+    "think_rm.stage": "the trainer name: trainer: think_rm_sft or trainer: think_rm_rl",
+}
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in values.items():
+        old = [f"{prefix}{key}"] + ([f"{prefix}{key}.{k}" for k in value] if isinstance(value, dict) else [])
+        for name in old:  # a removed section's keys too (pmd.tau once pmd: is gone)
+            if name in RENAMED and (key not in names or name == f"{prefix}{key}"):
+                raise ConfigError(f"config key '{name}' was renamed: use {RENAMED[name]}")
         if key not in names:
             valid = sorted(_all_keys(cls, prefix))
             near = difflib.get_close_matches(f"{prefix}{key}", valid, n=3, cutoff=0.5)
@@ -340,6 +374,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys: {', '.join(valid)})")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
         check_range(cls, key, kwargs[key], prefix + key)
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(kwargs[key]) and factory is not dataclasses.MISSING:
+            # keys the recipe leaves out keep this config's defaults for the section (a trainer's own
+            # AlgoConfig), not the section class's
+            kwargs[key] = dataclasses.replace(factory(), **{k: getattr(kwargs[key], k) for k in value})
     return cls(**kwargs)
 
 

@@ -284,6 +284,12 @@ def load_demonstrations(cfg: DataConfig, seed: int) -> tuple[list[Demonstration]
     return demos(rows, origin), demos(held, held_origin)
 
 
+def in_both_orders(prompts: list, firsts: list, seconds: list) -> tuple[list, list, list]:
+    """Every pair (prompt, A, B) followed by all of them swapped, (prompt, B, A): the position swap of
+    judges and preference models. A score s(A, B) then comes back as (s[:n] - s[n:]) / 2."""
+    return list(prompts) * 2, list(firsts) + list(seconds), list(seconds) + list(firsts)
+
+
 def as_messages(prompt: str | list[dict], response: str | list[dict] | None = None) -> list[dict]:
     """Chat messages of a prompt (and a response): plain text becomes a user / assistant turn."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -1,8 +1,8 @@
-"""Load policy / reference models and tokenizers; optional LoRA; the embedded SmolLM2 checkpoint."""
+"""Load models and tokenizers: local folders, hub names and the embedded checkpoints (SmolLM2, MiniLM);
+the frozen reference policy."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import logging
@@ -100,6 +100,11 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers' error for a folder without a tokenizer or an unreachable hub name
         raise ConfigError(f"model.path: cannot load a tokenizer from {path} ({e})") from None
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer):
+    """Batches are right-padded; a tokenizer without a pad token pads with its end-of-sequence token."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -127,127 +132,6 @@ def load_reward_model(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return model
 
 
-def apply_peft(model: PreTrainedModel, cfg: PeftConfig, total_steps: int, modules_to_save: list[str] | None = None):
-    """LoRA or AdaLoRA adapters; `modules_to_save` are trained in full (a reward model's fresh score
-    head). `total_steps` is the number of optimizer steps the run will take: AdaLoRA's budget
-    schedule is defined over it."""
-    if cfg.type == "none":
-        return model
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-    common = dict(lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                  modules_to_save=modules_to_save or None)
-    if cfg.type == "lora":
-        return get_peft_model(model, LoraConfig(r=cfg.r, bias="none", **common))
-    if not 0 < cfg.target_r <= cfg.init_r:
-        raise ConfigError(f"peft.target_r ({cfg.target_r}) must lie in [1, peft.init_r = {cfg.init_r}]")
-    if cfg.deltaT < 1:
-        raise ConfigError(f"peft.deltaT: must be at least 1, got {cfg.deltaT}")
-    if not 0 <= cfg.tinit < total_steps - cfg.tfinal:
-        raise ConfigError(f"peft.tinit ({cfg.tinit}) and peft.tfinal ({cfg.tfinal}) leave no budget-reduction "
-                          f"phase in this run's {total_steps} optimizer steps: need tinit < {total_steps} - tfinal")
-    adalora = AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal,
-                            deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
-                            total_step=total_steps, **common)
-    return get_peft_model(model, adalora)
-
-
-def hf_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@torch.no_grad()
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full weights in transformers names, LoRA deltas added, without touching the trainer's copy.
-
-    PEFT's merge_adapter()/unmerge_adapter() would round-trip the base weights through an add and a
-    subtract, which drifts in floating point over many syncs; we add the delta into a fresh tensor.
-    """
-    base = hf_model(model)
-    state = {}
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name or ".ranknum." in name or ".original_module." in name:
-            continue  # LoRA factors are merged below; a fully trained module's copy replaces its original
-        for adapter in getattr(model, "peft_config", {}):
-            name = name.replace(f".modules_to_save.{adapter}.", ".")
-        state[name.replace(".base_layer.", ".")] = tensor
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "active_adapters"):
-            key = f"{name}.weight"
-            weight = state[key]
-            for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}):
-                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-            state[key] = weight
-    return state
-
-
-def autocast(bf16: bool):
-    """bf16 matmuls on the AMX/AVX-512 units (or GPU tensor cores); a no-op when disabled."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
-
-
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device=None) -> dict:
-    """[left-padded prompt | right-padded response]: response logits are the last R+1 positions.
-
-    Returns input_ids, attention_mask, position_ids and response_mask (B, R).
-    """
-    p_len = max(len(p) for p in prompts)
-    r_len = max(1, max(len(r) for r in responses))
-    batch = len(prompts)
-    ids = torch.full((batch, p_len + r_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, p_len + r_len), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
-        ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, p_len - len(p): p_len + len(r)] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": position_ids,
-        "response_mask": mask[:, p_len:].clone(),
-    }
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
-
-
-def token_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    response_len: int,
-    bf16: bool = False,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, R) of the last `response_len` tokens given everything before them.
-
-    The decoder runs under bf16 autocast when asked; the LM head and the log-softmax run in fp32 on
-    the response positions only (bf16 logits of magnitude ~20 would carry ~0.06 nats of error).
-    """
-    lm = hf_model(model)
-    with autocast(bf16):
-        hidden = lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-    # contiguous: on a strided slice, a frozen model's linear runs as a batched matmul with the LM head
-    # expanded per row, about 10x slower on CPU than the single matmul it gets here
-    hidden = hidden[:, -response_len - 1: -1].contiguous()
-    with autocast(False):
-        logits = lm.get_output_embeddings()(hidden.float())
-    targets = input_ids[:, -response_len:]
-    log_norm = logits.logsumexp(-1)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach(), -1)
-            entropy = log_norm.detach() - (probs * logits.detach()).sum(-1)
-    return logprobs, entropy
-
-
 def frozen(model: PreTrainedModel) -> PreTrainedModel:
     """A reference model: eval mode, never trained."""
     return model.eval().requires_grad_(False)
@@ -257,36 +141,10 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return frozen(copy.deepcopy(model))
 
 
-@torch.no_grad()
-def reference_logprobs(reference: torch.nn.Module | None, policy: torch.nn.Module, inputs: dict, response_len: int,
-                       bf16: bool) -> torch.Tensor:
-    """Response log-probs under a frozen reference: its own copy, or with `reference=None` the
-    policy with its PEFT adapters switched off (the initial model, without a second copy)."""
-    if reference is None:
-        context = policy.disable_adapter()
-        model = policy
-    else:
-        context = contextlib.nullcontext()
-        model = reference.to(inputs["input_ids"].device)
-    with context:
-        logp, _ = token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                                 response_len, bf16)
-    return logp
+def reference_model(lm: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel | None:
+    """The frozen initial policy, for KL terms and DPO: a copy of `lm` (before PEFT wraps it), or
+    None with adapters, where the policy with its adapters switched off is the reference for free
+    (`reference_logprobs`)."""
+    return frozen_copy(lm) if peft.type == "none" else None
 
 
-class PolicyModel(torch.nn.Module):
-    """What the training backend wraps: a causal LM whose forward returns response log-probs.
-
-    Going through one module's forward lets DeepSpeed (ZeRO-3 hooks included) see the whole
-    computation, LM head in fp32 included.
-    """
-
-    def __init__(self, lm: torch.nn.Module, bf16: bool):
-        super().__init__()
-        self.lm = lm
-        self.bf16 = bf16
-
-    def forward(self, input_ids, attention_mask, position_ids, response_len: int, with_entropy: bool = False):
-        return token_logprobs(
-            self.lm, input_ids, attention_mask, position_ids, response_len, self.bf16, with_entropy
-        )

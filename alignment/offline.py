@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
+from alignment.algos import PREFERENCE_LOSSES, r3m_delta
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError
 from alignment.data import Pair, load_pairs, step_indices
 from alignment.logging import setup_console
 from alignment.models import load_tokenizer
-from alignment.trainer import Trainer
-from rewards.pairwise import PAIRWISE_LOSSES, r3m_delta
+from alignment.trainer import Trainer, held_out_means
 
 log = logging.getLogger("alignment")
 
@@ -34,9 +34,8 @@ class OfflineTrainer(Trainer):
     dropout = True  # train mode during steps (DPO keeps eval mode: TRL's disable_dropout)
 
     def __init__(self, cfg: BaseConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.check_config()
-        torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = self.load_data()
         self.model = self.build_model()
@@ -51,6 +50,9 @@ class OfflineTrainer(Trainer):
 
     # ---- what a method defines -------------------------------------------------------------
     module: torch.nn.Module  # what the backend wraps (its forward is the training computation)
+
+    def check_config(self) -> None:
+        """Rejects unusable values of the method's section before anything is loaded."""
 
     def load_data(self) -> tuple[list, list]:
         raise NotImplementedError
@@ -105,16 +107,13 @@ class OfflineTrainer(Trainer):
         for start in range(0, len(shard), self.eval_batch_size):
             for key, value in self.eval_sums(shard[start:start + self.eval_batch_size]).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        # Every rank sends the same keys, also one whose shard is empty.
-        totals = self.backend.mean({k: sums.get(k, 0.0) for k in ("count", *self.eval_keys)})
-        count = max(totals.pop("count"), 1e-9)
-        return {f"eval/{k}": v / count for k, v in totals.items()}
+        return held_out_means(self.backend, {k: sums.get(k, 0.0) for k in ("count", *self.eval_keys)})
 
     eval_keys: tuple[str, ...] = ()  # the sums eval_sums returns besides "count"
 
 
 class PairwiseTrainer(OfflineTrainer):
-    """Preference pairs -> margins -> a registered pairwise loss (`bt`/`sigmoid`, `r3m`).
+    """Preference pairs -> margins -> a preference loss by name (`bt`/`sigmoid`, `r3m`; alignment/algos.py).
 
     A method defines `margins(pairs)`: how much the model prefers each labelled-chosen response
     (reward difference for a reward model, beta-scaled log-ratio difference for DPO). R^3M runs
@@ -125,7 +124,6 @@ class PairwiseTrainer(OfflineTrainer):
     section = ""  # the method's config section, with `loss` and `lam` (R^3M's lambda)
 
     def check_config(self) -> None:
-        super().check_config()
         opts = getattr(self.cfg, self.section)
         if opts.loss == "r3m" and not 0 < opts.lam < 1:
             raise ConfigError(f"{self.section}.lam: R^3M's lambda must lie in (0, 1), got {opts.lam}")
@@ -134,40 +132,42 @@ class PairwiseTrainer(OfflineTrainer):
         return load_pairs(self.cfg.data, self.cfg.seed)
 
     def margins(self, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
-        """(margin per pair, tokens processed)."""
+        """(margin per comparison, tokens processed): one per pair, or two with both orders shown."""
         raise NotImplementedError
 
-    def loss_name(self) -> str:
-        return getattr(self.cfg, self.section).loss
+    @property
+    def options(self):
+        return getattr(self.cfg, self.section)
 
-    def loss_params(self) -> dict:
-        return {"lam": getattr(self.cfg, self.section).lam} if self.loss_name() == "r3m" else {}
+    def preference_loss(self, margins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return PREFERENCE_LOSSES.get(self.options.loss, self.options, f"{self.section}.loss")(margins)
 
     def loss(self, pairs):
         margins, tokens = self.margins(pairs)
-        loss, delta = PAIRWISE_LOSSES[self.loss_name()](margins, **self.loss_params())
+        loss, delta = self.preference_loss(margins)
         stats = {"accuracy": float((margins.detach() > 0).float().mean()), "margin": float(margins.detach().mean()),
                  "tokens": tokens}
-        if self.loss_name() == "r3m":
+        if self.options.loss == "r3m":
             stats["r3m/outlier_frac"] = float((delta > 0).float().mean())
         return loss, stats
 
     def eval_sums(self, pairs):
+        # Per comparison: a pair shown in both orders counts twice, in the count as in the sums.
         margins, _ = self.margins(pairs)
-        loss, _ = PAIRWISE_LOSSES[self.loss_name()](margins, **self.loss_params())
-        return {"count": len(pairs), "accuracy": float((margins > 0).sum()), "loss": float(loss) * len(pairs)}
+        loss, _ = self.preference_loss(margins)
+        return {"count": len(margins), "accuracy": float((margins > 0).sum()), "loss": float(loss) * len(margins)}
 
     @torch.no_grad()
     def finish(self, out: Path) -> None:
         """R^3M: one line per training pair with its outlier variable under the final model."""
-        if self.loss_name() != "r3m":
+        if self.options.loss != "r3m":
             return
         self.module.eval()
         mine = self.train_set[self.rank::self.world]
         rows = []
         for start in range(0, len(mine), self.eval_batch_size):
             batch = mine[start:start + self.eval_batch_size]
-            delta = r3m_delta(self.margins(batch)[0], self.loss_params()["lam"])
+            delta = r3m_delta(self.margins(batch)[0], self.options.lam)
             rows += [{"index": p.index, "delta": float(d), "flagged": bool(d > 0)} for p, d in zip(batch, delta)]
         everyone = self.backend.gather(rows)
         if self.backend.is_main:

@@ -1,10 +1,14 @@
-"""The online RL loop every online trainer shares, and the registries its methods plug into.
+"""The toolbox every online trainer's `step()` calls: rollout, log-probs, mini-batch updates, weight
+sync, metrics, held-out evaluation. It holds no method: a trainer builds its models and reward in
+its own `__init__`, hands the policy to `setup_policy`, and writes its step as the method reads
+(trainers/pmd.py):
 
-One step: draw the global prompt batch -> roll out `n` samples per prompt on the engine -> reward ->
-advantage (registered estimator) -> old log-probs recomputed in the training precision -> several
-mini-batch updates with a registered policy loss -> push the weights to the engine and verify them
--> metrics. A method registers its advantage estimator and policy loss and subclasses
-`OnlineTrainer` with its config (see trainers/pmd.py).
+    batch = self.rollout(step)                             # n samples per prompt on the engine
+    batch.rewards = self.reward(batch)                     # one reward per sample
+    batch.advantages = self.advantage(batch.rewards.view(-1, n)).reshape(-1)
+    stats = self.train_policy(batch, self.objective)       # mini-batch optimizer steps
+    stats["sync/logprob_err"] = self.sync_weights()        # push the weights to the engine, verified
+    return self.step_metrics(batch, stats, timer)
 
 Data parallelism: the global batch is split into `train.mini_batches` mini-batches first; each rank
 takes its share of every mini-batch, so one optimizer step sees the same global mini-batch whatever
@@ -21,48 +25,17 @@ from typing import Callable
 
 import torch
 
+from alignment.algos import kl_k3, masked_mean
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError
-from alignment.data import Example, encode_prompt, load_prompts, step_indices
+from alignment.data import Example, encode_prompt, step_indices
 from alignment.logging import setup_console
-from alignment.models import (
-    PolicyModel, apply_peft, load_causal_lm, load_tokenizer, merged_state_dict, pack, token_logprobs,
-)
+from alignment.adapters import apply_peft, merged_state_dict
+from alignment.logprobs import PolicyModel, pack, reference_logprobs, token_logprobs
 from alignment.rollout import Canary, Rollouts, SamplingParams, make_engine
-from alignment.trainer import Trainer
-from rewards import build_reward
-from rewards.verifiable import is_correct
+from alignment.trainer import Trainer, held_out_means
 
 log = logging.getLogger("alignment")
-
-# name -> fn(rewards (prompts, n), **params) -> advantages (prompts, n)
-ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
-# name -> fn(logp, old_logp, advantages, mask, **params) -> (loss, stats)
-POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {}
-
-
-def register_advantage(name: str):
-    def deco(fn):
-        ADVANTAGES[name] = fn
-        return fn
-    return deco
-
-
-def register_policy_loss(name: str):
-    def deco(fn):
-        POLICY_LOSSES[name] = fn
-        return fn
-    return deco
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def kl_k3(old_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi_old || pi) on tokens sampled from pi_old: (r - 1) - log r >= 0, r = pi / pi_old."""
-    log_ratio = logp - old_logp
-    return log_ratio.exp() - 1 - log_ratio
 
 
 @dataclass
@@ -74,7 +47,8 @@ class RolloutBatch:
     texts: list[str]
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids
     mask: torch.Tensor  # (B, R) response tokens
-    rewards: torch.Tensor | None = None  # (B,)
+    rewards: torch.Tensor | None = None  # (B,) one pointwise reward per sample, where the method has one
+    advantages: torch.Tensor | None = None  # (B,) or (B, R): what the step's update follows
     old_logp: torch.Tensor | None = None  # (B, R) the generating policy, training precision
     token_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, R) under frozen models, by name
     stats: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. by the reward)
@@ -83,16 +57,66 @@ class RolloutBatch:
         return {key: value[rows] for key, value in self.inputs.items()}
 
 
+# A reward as an online trainer calls it: the batch in, one float per sample out (it may add to batch.stats).
+BatchReward = Callable[[RolloutBatch], torch.Tensor]
+
+
+class TextReward:
+    """A reward function of (prompt examples, response texts) -> floats (rewards/), applied to a batch."""
+
+    def __init__(self, fn: Callable[[list[Example], list[str]], list[float]]):
+        self.fn = fn
+
+    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+        return torch.tensor(self.fn(batch.samples, batch.texts), dtype=torch.float32, device=batch.mask.device)
+
+
+class StepTimer:
+    """Wall-clock laps of one step, logged as `time/<lap>_s`."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"time/{name}_s"] = now - self.last
+        self.last = now
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def require_groups(cfg: BaseConfig, why: str) -> None:
+    if cfg.rollout.n < 2:
+        raise ConfigError(f"rollout.n: {why} need at least 2 samples per prompt")
+
+
 class OnlineTrainer(Trainer):
+    passes = 1  # optimizer passes over each rollout batch (PPO: ppo.passes)
+    reference = None  # the frozen initial policy for KL terms; None with adapters (switched off instead)
+    reward: BatchReward | None = None
+    # held-out checks of each greedy response, averaged into eval/<name> (e.g. accuracy on checkable answers)
+    eval_checks: dict[str, Callable[[Example, str], float]] = {}
 
     def __init__(self, cfg: BaseConfig):
-        self.cfg = cfg
-        self.check_config()
-        torch.manual_seed(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.train_set, self.eval_set = self.load_data()
-        self.reward_fn = self.build_reward()
-        lm = self.load_policy()
+        super().__init__(cfg)
+        t = cfg.train
+        if t.batch_size % t.mini_batches:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                              f"train.mini_batches ({t.mini_batches})")
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.train.mini_batches * self.passes
+
+    def setup_policy(self, lm, encode: Callable[[object], list[int]] | None = None) -> None:
+        """Wrap `lm` (the initial policy) for training: PEFT, the training backend, the rollout engine
+        with its own copy of the weights, and the canary batch that checks every weight sync.
+        `encode(prompt) -> token ids` defaults to the chat template (`data.chat_template`)."""
+        cfg = self.cfg
+        self.encode = encode or (lambda prompt: encode_prompt(self.tokenizer, prompt, cfg.data.chat_template))
         engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
         lm = apply_peft(lm, cfg.peft, self.total_updates)
         lm.eval()  # no dropout: training and rollout log-probs must describe the same policy
@@ -118,66 +142,109 @@ class OnlineTrainer(Trainer):
         log.info("rank %d/%d, backend %s, %d training prompts", self.rank, self.world, self.backend.kind,
                  len(self.train_set))
 
-    # ---- what a method defines -------------------------------------------------------------
-    advantage: str = ""
-    policy_loss: str = ""
-    epochs = 1  # passes over each rollout batch
+    def start(self) -> None:
+        self.sync_weights()  # the engine may hold older weights than a resumed checkpoint
 
-    def load_data(self) -> tuple[list[Example], list[Example]]:
-        """(train, held-out) prompts; each with its answer when the verifiable reward scores them."""
-        needs_answers = self.cfg.reward.type == "verifiable" and self.scores_with_reward
-        return load_prompts(self.cfg.data, self.cfg.seed, "reward.type=verifiable" if needs_answers else None)
-
-    @property
-    def scores_with_reward(self) -> bool:
-        """Whether samples are scored by the configured reward: a method that overrides `score`
-        (SR-PPO's log-ratio, routed RL's router) checks what its own scoring needs."""
-        return type(self).score is OnlineTrainer.score
-
-    def build_reward(self):
-        """What `score` uses: the configured reward function (routed RL's is a pair router)."""
-        return build_reward(self.cfg.reward)
-
-    def load_policy(self):
-        """The initial policy (a transformers causal LM, before PEFT)."""
-        return load_causal_lm(self.cfg.model)
-
-    @property
-    def updates_per_step(self) -> int:
-        return self.cfg.train.mini_batches * self.epochs
-
-    def check_config(self) -> None:
-        super().check_config()
-        t = self.cfg.train
-        if t.batch_size < 1 or t.mini_batches < 1 or t.batch_size % t.mini_batches:
-            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a positive multiple of "
-                              f"train.mini_batches ({t.mini_batches})")
-
-    def advantage_params(self) -> dict:
-        return {}
-
-    def loss_params(self) -> dict:
-        return {}
-
-    def loss_inputs(self, batch: RolloutBatch, rows: slice) -> dict[str, torch.Tensor]:
-        """Per-row tensors the policy loss takes besides the shared ones (GRPO's reference log-probs)."""
-        return {}
-
-    # ---- helpers -----------------------------------------------------------------------------
-    def encode(self, prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt, self.cfg.data.chat_template)
-
+    # ---- rollout ------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               seed=self.cfg.seed * 1_000_003 + step)
 
-    def start(self) -> None:
-        self.sync_weights()  # the engine may hold older weights than a resumed checkpoint
+    def rollout(self, step: int) -> RolloutBatch:
+        """This rank's share of every mini-batch of the step's prompts, `rollout.n` samples each, packed
+        for training; the engine sleeps afterwards (frees accelerator memory where it can)."""
+        cfg = self.cfg
+        k = cfg.train.mini_batches
+        order = step_indices(step, cfg.train.batch_size, len(self.train_set), cfg.seed)
+        per_mini = cfg.train.batch_size // k
+        # Global positions of this rank's prompts, mini-batch by mini-batch.
+        positions = [p for j in range(k) for p in range(j * per_mini, (j + 1) * per_mini)[self.rank::self.world]]
+        examples = [self.train_set[order[p]] for p in positions]
+        rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
+                                        prompt_uids=positions)
+        self.engine.sleep()
+        return self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
+
+    def make_batch(self, samples: list[Example], rollouts: Rollouts) -> RolloutBatch:
+        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+        inputs = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id, self.backend.device)
+        return RolloutBatch(samples, rollouts, texts, inputs, inputs.pop("response_mask").float())
+
+    # ---- log-probs ------------------------------------------------------------------------------
+    def micro_slices(self, rows: int) -> list[list[slice]]:
+        """Per mini-batch, the row slices of its gradient-accumulation micro-batches."""
+        per_mini = rows // self.cfg.train.mini_batches
+        micro = per_mini // self.backend.accumulation
+        return [[slice(start, start + micro) for start in range(j * per_mini, (j + 1) * per_mini, micro)]
+                for j in range(self.cfg.train.mini_batches)]
 
     @torch.no_grad()
+    def chunked(self, batch: RolloutBatch, forward, start: int = 0) -> torch.Tensor:
+        """`forward(rows)` over rows `start:` in micro-batch-sized chunks, concatenated, without grad."""
+        size = self.micro_slices(len(batch.mask))[0][0].stop
+        return torch.cat([forward(slice(i, i + size)) for i in range(start, len(batch.mask), size)])
+
+    def policy_logprobs(self, batch: RolloutBatch, start: int = 0) -> torch.Tensor:
+        r_len = batch.mask.shape[1]
+        return self.chunked(batch, lambda rows: self.backend(**batch.rows(rows), response_len=r_len)[0], start)
+
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, R) under the initial policy: `self.reference`, or with adapters the policy without them."""
+        r_len = batch.mask.shape[1]
+        return self.chunked(batch, lambda rows: reference_logprobs(self.reference, self.model, batch.rows(rows), r_len,
+                                                                   self.cfg.train.bf16))
+
+    # ---- updates --------------------------------------------------------------------------------
+    def optimize(self, backend: Backend, rows: int, loss_fn) -> dict[str, float]:
+        """`self.passes` x `train.mini_batches` optimizer steps of `backend` over a batch of `rows`;
+        `loss_fn(rows, on_policy) -> (loss, stats)` on each micro-batch, `on_policy` while the
+        weights are still those that generated the batch (the first mini-batch of the first pass).
+        Returns the mean of each stat, with `loss` and `grad_norm`."""
+        stats: dict[str, list[float]] = {}
+        for epoch in range(self.passes):
+            for j, micro in enumerate(self.micro_slices(rows)):
+                for part in micro:
+                    loss, loss_stats = loss_fn(part, epoch == 0 and j == 0)
+                    backend.backward(loss)
+                    for key, value in {"loss": float(loss.detach()), **loss_stats}.items():
+                        stats.setdefault(key, []).append(float(value))
+                stats.setdefault("grad_norm", []).append(backend.step())
+        return {key: sum(v) / len(v) for key, v in stats.items()}
+
+    def train_policy(self, batch: RolloutBatch, objective, old_logp: torch.Tensor | None = None,
+                     ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+        """Minimise `objective(logp, old_logp, advantages, mask, ref_logp)` (alignment/algos.py) over
+        the batch, on `batch.advantages`; logs `kl` (to the reference with a KL loss, else the drift from the rollout policy)
+        and `entropy`. Without `old_logp`, the generating policy's log-probs come from the training
+        precision: the first mini-batch is still on-policy when it is trained, so its own forward
+        provides them; the rest get one no-grad pass first."""
+        r_len, advantages = batch.mask.shape[1], batch.advantages.to(batch.mask.device)
+        fill_first = old_logp is None
+        if fill_first:
+            old_logp = torch.zeros_like(batch.mask)
+            first = self.micro_slices(len(batch.mask))[0][-1].stop
+            if first < len(old_logp):
+                old_logp[first:] = self.policy_logprobs(batch, first)
+        batch.old_logp = old_logp
+
+        def loss_fn(rows, on_policy):
+            logp, entropy = self.backend(**batch.rows(rows), response_len=r_len, with_entropy=True)
+            if fill_first and on_policy:
+                old_logp[rows] = logp.detach()
+            mask = batch.mask[rows]
+            loss, stats = objective(logp, old_logp[rows], advantages[rows], mask,
+                                    None if ref_logp is None else ref_logp[rows])
+            stats.setdefault("kl", float(masked_mean(kl_k3(old_logp[rows], logp.detach()), mask)))
+            return loss, {"entropy": float(masked_mean(entropy, mask)), **stats}
+
+        return self.optimize(self.backend, len(batch.mask), loss_fn)
+
+    # ---- weight sync --------------------------------------------------------------------------
+    @torch.no_grad()
     def sync_weights(self) -> float:
-        """Push merged weights into the engine, then check canary log-probs against the trainer."""
+        """Push merged weights into the engine, then check canary log-probs against the trainer's;
+        returns the largest difference (`sync/logprob_err`), and fails beyond `rollout.sync_tolerance`."""
         with self.backend.gathered():
             weights = merged_state_dict(self.model)
             if self.backend.partitioned:  # ZeRO-3 frees the gathered values when the context ends
@@ -190,153 +257,39 @@ class OnlineTrainer(Trainer):
         canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
         return self.engine.update_weights(weights, canary, self.cfg.rollout.sync_tolerance)
 
-    # ---- the step, in pieces a method can recombine (trainers/ppo.py) ------------------------
-    def rollout(self, step: int) -> RolloutBatch:
-        """This rank's share of every mini-batch, rolled out, scored and packed."""
-        cfg = self.cfg
-        k = cfg.train.mini_batches
-        order = step_indices(step, cfg.train.batch_size, len(self.train_set), cfg.seed)
-        per_mini = cfg.train.batch_size // k
-        # Global positions of this rank's prompts, mini-batch by mini-batch.
-        positions = [p for j in range(k) for p in range(j * per_mini, (j + 1) * per_mini)[self.rank::self.world]]
-        examples = [self.train_set[order[p]] for p in positions]
-        rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
-                                        prompt_uids=positions)
-        self.engine.sleep()  # frees accelerator memory for training where the backend can
-        return self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
-
-    def make_batch(self, samples: list[Example], rollouts: Rollouts) -> RolloutBatch:
-        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        inputs = pack(rollouts.prompt_ids, rollouts.response_ids, self.tokenizer.pad_token_id, self.backend.device)
-        batch = RolloutBatch(samples, rollouts, texts, inputs, inputs.pop("response_mask").float())
-        batch.rewards = self.score(batch)
-        return batch
-
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """One reward per sample: the configured reward function (SR-PPO's is computed from models)."""
-        return torch.tensor(self.reward_fn(batch.samples, batch.texts), dtype=torch.float32, device=self.backend.device)
-
-    def micro_slices(self, rows: int) -> list[list[slice]]:
-        """Per mini-batch, the row slices of its gradient-accumulation micro-batches."""
-        per_mini = rows // self.cfg.train.mini_batches
-        micro = per_mini // self.backend.accumulation
-        return [[slice(start, start + micro) for start in range(j * per_mini, (j + 1) * per_mini, micro)]
-                for j in range(self.cfg.train.mini_batches)]
-
-    def train_policy(self, batch: RolloutBatch, old_logp: torch.Tensor | None, loss_fn) -> dict:
-        """`self.epochs` passes over the mini-batches, one optimizer step each; `loss_fn(rows, logp,
-        entropy) -> (loss, stats)` on a micro-batch. Without `old_logp`, the log-probs of the policy
-        that generated the batch come from the training precision: the first mini-batch is still
-        on-policy when it is trained, so its own forward provides them; the rest get one no-grad pass."""
-        r_len = batch.mask.shape[1]
-        slices = self.micro_slices(batch.mask.shape[0])
-        fill_first = old_logp is None
-        if fill_first:
-            old_logp = torch.zeros_like(batch.mask)
-            first = slices[0][-1].stop
-            if first < len(old_logp):
-                old_logp[first:] = self.policy_logprobs(batch, first)
-        batch.old_logp = old_logp
-        stats: dict[str, list[float]] = {}
-        for epoch in range(self.epochs):
-            for j, micro in enumerate(slices):
-                for rows in micro:
-                    logp, entropy = self.backend(**batch.rows(rows), response_len=r_len, with_entropy=True)
-                    if fill_first and epoch == 0 and j == 0:
-                        old_logp[rows] = logp.detach()
-                    loss, loss_stats = loss_fn(rows, logp, entropy)
-                    self.backend.backward(loss)
-                    for key, value in {"loss": float(loss.detach()), **loss_stats}.items():
-                        stats.setdefault(key, []).append(float(value))
-                stats.setdefault("grad_norm", []).append(self.backend.step())
-        return {key: sum(v) / len(v) for key, v in stats.items()}
-
-    @torch.no_grad()
-    def chunked(self, batch: RolloutBatch, forward, start: int = 0) -> torch.Tensor:
-        """`forward(rows)` over rows `start:` in micro-batch-sized chunks, concatenated, without grad."""
-        size = self.micro_slices(len(batch.mask))[0][0].stop
-        return torch.cat([forward(slice(i, i + size)) for i in range(start, len(batch.mask), size)])
-
-    def policy_logprobs(self, batch: RolloutBatch, start: int = 0) -> torch.Tensor:
-        r_len = batch.mask.shape[1]
-        return self.chunked(batch, lambda rows: self.backend(**batch.rows(rows), response_len=r_len)[0], start)
-
-    def step_metrics(self, batch: RolloutBatch, stats: dict, t_start: float, t_rollout: float) -> dict[str, float]:
-        """Push the new weights to the engine (verified), then the shared metrics of an online step."""
-        t_train = time.perf_counter() - t_start - t_rollout
+    # ---- metrics --------------------------------------------------------------------------------
+    def step_metrics(self, batch: RolloutBatch, stats: dict, timer: StepTimer) -> dict[str, float]:
+        """The step's stats with the shared online metrics, averaged over ranks."""
         rollout_logp = torch.zeros_like(batch.mask)
         for i, lp in enumerate(batch.rollouts.logprobs):
             rollout_logp[i, : len(lp)] = lp.to(rollout_logp.device)
-        t_sync = time.perf_counter()
-        sync_err = self.sync_weights()
-        t_sync = time.perf_counter() - t_sync
-        elapsed = time.perf_counter() - t_start
-        rewards, mask = batch.rewards, batch.mask
-        metrics = {**batch.stats, **stats}
-        metrics.update({
-            "lr": self.backend.lr,
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "response_length/mean": float(mask.sum(-1).mean()),
-            "rollout/logprob_diff": float(masked_mean((rollout_logp - batch.old_logp).abs(), mask)),
-            "sync/logprob_err": sync_err,
-            "time/rollout_s": t_rollout,
-            "time/train_s": t_train,
-            "time/sync_s": t_sync,
-            "perf/tokens_per_s": float(batch.inputs["attention_mask"].sum()) * self.world / elapsed,
-        })
+        metrics = {**batch.stats, **stats, **timer.laps, "lr": self.backend.lr,
+                   "response_length/mean": float(batch.mask.sum(-1).mean()),
+                   "rollout/logprob_diff": float(masked_mean((rollout_logp - batch.old_logp).abs(), batch.mask)),
+                   "perf/tokens_per_s": float(batch.inputs["attention_mask"].sum()) * self.world / timer.elapsed}
+        if batch.rewards is not None:
+            metrics["reward/mean"] = float(batch.rewards.mean())
+            metrics["reward/std"] = float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0
         if self.cfg.rollout.kv_compression.type != "none":
             metrics["gear/kv_bytes"] = float(batch.rollouts.kv_bytes)
         return self.backend.mean(metrics)
 
-    def step(self, step: int) -> dict[str, float]:
-        """Roll out -> sequence advantages (registered estimator) -> registered policy loss."""
-        t_start = time.perf_counter()
-        batch = self.rollout(step)
-        advantages = self.advantages(batch)
-        return self.policy_update(batch, advantages, t_start, time.perf_counter() - t_start)
-
-    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
-        """One advantage per sample: the registered estimator over each prompt's group of rewards."""
-        n = self.cfg.rollout.n
-        return ADVANTAGES[self.advantage](batch.rewards.view(-1, n), **self.advantage_params()).reshape(-1)
-
-    def policy_update(self, batch: RolloutBatch, advantages: torch.Tensor, t_start: float,
-                      t_rollout: float) -> dict[str, float]:
-        """The registered policy loss over the batch with one advantage row per sample, then the
-        weight sync and the step's metrics."""
-
-        def loss_fn(rows, logp, entropy):
-            old, mask = batch.old_logp[rows], batch.mask[rows]
-            loss, stats = POLICY_LOSSES[self.policy_loss](logp, old, advantages[rows], mask, **self.loss_params(),
-                                                          **self.loss_inputs(batch, rows))
-            return loss, {"kl": float(masked_mean(kl_k3(old, logp.detach()), mask)),
-                          "entropy": float(masked_mean(entropy, mask)), **stats}
-
-        stats = self.train_policy(batch, None, loss_fn)
-        return self.step_metrics(batch, stats, t_start, t_rollout)
-
-    def greedy_eval_rollouts(self) -> tuple[list[Example], Rollouts]:
-        """This rank's share of the held-out prompts and their greedy rollouts."""
-        shard = self.eval_set[self.rank::self.world]
-        sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
-        return shard, self.engine.generate([self.encode(e.prompt) for e in shard], sampling)
-
+    # ---- held-out evaluation ------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy reward (and accuracy, where answers are checkable) on the held-out prompts."""
+        """Greedy responses to this rank's share of the held-out prompts: `eval/reward` (where there
+        is a pointwise reward) and `eval/<check>` for each of `eval_checks`, averaged over all ranks."""
         if not self.eval_set:
             return {}
-        shard, rollouts = self.greedy_eval_rollouts()
-        batch = self.make_batch(shard, rollouts) if shard else None
-        texts = batch.texts if shard else []
-        sums = {"count": len(shard), "reward": float(batch.rewards.sum()) if shard else 0.0}
-        checkable = all(e.entry is not None or e.answer is not None for e in self.eval_set)
-        if checkable:
-            sums["correct"] = sum(is_correct(e, t) for e, t in zip(shard, texts))
-        totals = self.backend.mean(sums)
-        count = max(totals["count"], 1)
-        out = {"eval/reward": totals["reward"] / count}
-        if checkable:
-            out["eval/accuracy"] = totals["correct"] / count
-        return out
+        shard = self.eval_set[self.rank::self.world]
+        sums = {"count": float(len(shard)), **{name: 0.0 for name in self.eval_checks}}
+        if self.reward is not None:
+            sums["reward"] = 0.0
+        if shard:
+            sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
+            batch = self.make_batch(shard, self.engine.generate([self.encode(e.prompt) for e in shard], sampling))
+            if self.reward is not None:
+                sums["reward"] = float(self.reward(batch).sum())
+            for name, check in self.eval_checks.items():
+                sums[name] = float(sum(check(e, t) for e, t in zip(shard, batch.texts)))
+        return held_out_means(self.backend, sums)

@@ -1,11 +1,12 @@
 """What every trainer shares: the run loop, metrics, atomic checkpoints, resume and the final model.
 
-A trainer sets `self.cfg`, `self.tokenizer`, `self.model` (the transformers or PEFT model that is
-saved) and `self.backend`, and defines `step(step) -> metrics` and `evaluate() -> metrics`. Hooks:
-`start()` runs after a resume and before the first step (the online loop pushes weights to its
-engine there); `finish(out)` writes method-specific outputs at the end (R^3M's outliers.jsonl); `check_config()`
-rejects unusable values before anything is loaded (a trainer's override calls super() first); `save_extra` /
-`load_extra` checkpoint what the model and backend do not hold (PPO's critic).
+A trainer's `__init__` calls `Trainer.__init__(cfg)` first (it checks the output folder and the
+resume before anything is loaded), then builds `self.tokenizer`, `self.model` (the transformers or
+PEFT model that is saved) and `self.backend` in its own visible order, and defines
+`step(step) -> metrics` and `evaluate() -> metrics`. The run calls, besides: `start()` after a resume
+and before the first step (the online trainers push weights to their engine there), `finish(out)`
+at the end for method-specific outputs (R^3M's outliers.jsonl), and `save_extra` / `load_extra`
+with each checkpoint for what the model and backend do not hold (PPO's critic).
 
 Resume (`resume=true`) compares the new config with the checkpoint's (`<output_dir>/config.yaml` and
 the checkpoint's `trainer_state.json`): a changed key of `resume_fixed_keys` refuses, any other
@@ -20,10 +21,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError, read_yaml, save_config, to_dict
 from alignment.logging import RunLogger, plot_report
-from alignment.models import hf_model, merged_state_dict
+from alignment.adapters import hf_model, merged_state_dict
 
 log = logging.getLogger("alignment")
 
@@ -45,10 +48,27 @@ def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def held_out_means(backend: Backend, sums: dict[str, float]) -> dict[str, float]:
+    """`{"count": n, name: sum}` of this rank's held-out items -> `{"eval/name": sum / n}` over all
+    ranks (every rank sends the same keys, one with no items too)."""
+    totals = backend.mean(sums)
+    count = max(totals.pop("count"), 1e-9)
+    return {f"eval/{key}": value / count for key, value in totals.items()}
+
+
 class Trainer:
     config_class = BaseConfig
     cfg: BaseConfig
     backend: Backend
+
+    def __init__(self, cfg: BaseConfig):
+        """Checks what must hold before anything is loaded: the output folder and the resume."""
+        self.cfg = cfg
+        out = Path(cfg.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir: {out} is a file; expected a folder (created when missing)")
+        self.resume_changes = self.check_resume()
+        torch.manual_seed(cfg.seed)
 
     def step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
@@ -59,12 +79,6 @@ class Trainer:
     # keys a checkpoint cannot be resumed under once changed: its weights' shapes or meaning depend on them
     resume_fixed_keys: tuple[str, ...] = ("trainer", "model.path", "peft.type", "peft.r", "peft.target_modules",
                                           "peft.init_r")
-
-    def check_config(self) -> None:
-        out = Path(self.cfg.output_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output_dir: {out} is a file; expected a folder (created when missing)")
-        self.resume_changes = self.check_resume()
 
     def check_resume(self) -> list[tuple[str, Any, Any]]:
         """(key, checkpoint's value, new value) of each config key changed since the newest checkpoint

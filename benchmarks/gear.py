@@ -134,7 +134,7 @@ def child(kind: str, bits: int, extra: dict, quick: bool, reference_file: str) -
     if kind == "none":
         from transformers import DynamicCache
 
-        from alignment.models import autocast
+        from alignment.logprobs import autocast
 
         probe = DynamicCache(config=model.config)
         with torch.no_grad(), autocast(engine.bf16):

@@ -4,7 +4,7 @@ model trained on the same pairs; and what a judgement costs (tokens and seconds 
     align bench genrm            # SFT 80 steps, RL 30 steps, BT 80 steps (~4 min on 2 cores)
     align bench genrm --quick    # RL 10 steps
 
-The task is the faithful check's (tests/verdict_task.py): one-word responses with hidden worths,
+The task is the faithful check's (tests/support/verdict_task.py): one-word responses with hidden worths,
 a tiny Llama from scratch as the generative RM (binary verdicts, <think> prefilled), 400 SFT pairs with
 the teacher's reasoning, 800 RL pairs with labels only, 128 held-out pairs. The Bradley-Terry model is
 the same tiny Llama with a score head (`trainer: reward_model`, loss bt) trained on the 400 SFT pairs
@@ -29,7 +29,7 @@ SFT_STEPS, BT_STEPS = 80, 80
 
 
 def train(folder: Path, recipe: dict) -> list[dict]:
-    from alignment.cli import build_config
+    from align.cli import build_config
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -65,8 +65,8 @@ def judge_cost(model: Path, held_out: Path) -> dict:
 
 
 def main(quick: bool = False) -> None:
-    from tests.conftest import tiny_llama
-    from tests.verdict_task import CRITERIA, write_splits
+    from tests.support.tiny_models import tiny_llama
+    from tests.support.verdict_task import CRITERIA, write_splits
 
     C.quiet_torch(THREADS)
     rl_steps = 10 if quick else 30
@@ -76,17 +76,17 @@ def main(quick: bool = False) -> None:
         model = tiny_llama(root / "tiny")
         t0 = time.perf_counter()
         train(root / "sft", {
-            "trainer": "think_rm", "output_dir": str(root / "sft"), "model": {"path": str(model)},
-            "data": {"path": str(splits["sft"])}, "think_rm": {"stage": "sft", "criteria": CRITERIA},
+            "trainer": "think_rm_sft", "output_dir": str(root / "sft"), "model": {"path": str(model)},
+            "data": {"path": str(splits["sft"])}, "think_rm": {"criteria": CRITERIA},
             "train": {"max_steps": SFT_STEPS, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "bf16": False}})
         t_sft = time.perf_counter() - t0
         t0 = time.perf_counter()
         rl_rows = train(root / "rl", {
-            "trainer": "think_rm", "output_dir": str(root / "rl"), "model": {"path": str(root / "sft" / "final")},
+            "trainer": "think_rm_rl", "output_dir": str(root / "rl"), "model": {"path": str(root / "sft" / "final")},
             "data": {"path": str(splits["rl"]), "eval_path": str(splits["held_out"]), "eval_size": 128},
-            "think_rm": {"stage": "rl"}, "rollout": {"n": 8, "max_new_tokens": 32},
+            "rollout": {"n": 8, "max_new_tokens": 32},
             "train": {"max_steps": rl_steps, "batch_size": 8, "lr": 3e-4, "bf16": False, "eval_every": 10},
-            "grpo": {"kl_coef": 1e-3}})
+            "algo": {"kl_coef": 1e-3}})
         t_rl = time.perf_counter() - t0
         evals = [(r["step"], r["eval/accuracy"]) for r in rl_rows if "eval/accuracy" in r]
         t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def main(quick: bool = False) -> None:
 
     results = {
         **C.run_info(f"align bench {NAME}" + (" --quick" if quick else ""), quick, "peft"),
-        "task": "word worths (tests/verdict_task.py), tiny Llama 2x128 from scratch, 128 held-out pairs",
+        "task": "word worths (tests/support/verdict_task.py), tiny Llama 2x128 from scratch, 128 held-out pairs",
         "accuracy": {"after_sft": evals[0][1], "after_rl": evals[-1][1], "rl_curve": evals,
                      "bradley_terry": bt_accuracy},
         "steps": {"sft": SFT_STEPS, "rl": rl_steps, "bt": BT_STEPS},

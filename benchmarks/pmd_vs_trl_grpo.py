@@ -8,7 +8,7 @@ Workload (the same for every contender): SmolLM2-135M-Instruct (embedded, offlin
 2 prompts x 8 samples per step, at most 16 new tokens, lr 1e-5, temperature 1.0, no KL term.
 
 Contenders, run one after the other in this process with 2 torch threads:
-  - trl-fp32: GRPOTrainer with bf16=False (the peer figure in environment.md: 8.2 s/step).
+  - trl-fp32: GRPOTrainer with bf16=False (the peer figure measured on this machine when the project started: 8.2 s/step).
   - trl-bf16: GRPOTrainer with bf16=True (TRL's own default precision since 1.x).
     Both keep TRL's other defaults (gradient checkpointing on, loss_type "dapo", scale_rewards
     "group", epsilon 0.2, one optimizer step per generation batch). Reward: exact match 1 / 0
@@ -45,7 +45,7 @@ ROOT = C.ROOT
 NAME = "pmd_vs_trl_grpo"
 CONFIG = ROOT / "configs" / "pmd_chain_sum.yaml"
 THREADS = 2
-DOC_PEAK_BF16, DOC_PEAK_FP32 = 2.0, 0.32  # TFLOP/s, environment.md
+DOC_PEAK_BF16, DOC_PEAK_FP32 = 2.0, 0.32  # TFLOP/s, this machine's documented peaks (workplace notes)
 TARGET_VS_FP32, TARGET_VS_BF16 = 3.0, 1.5
 
 
@@ -54,7 +54,7 @@ TARGET_VS_FP32, TARGET_VS_BF16 = 3.0, 1.5
 # ---- workload -----------------------------------------------------------------------------------
 def build_ours_config(steps: int, eval_size: int, output_dir: str, config=CONFIG, extra: tuple[str, ...] = ()):
     """The recipe `config` with the shared workload overrides, then `extra` overrides (which win)."""
-    from alignment.cli import build_config
+    from align.cli import build_config
 
     overrides = [
         f"output_dir={output_dir}", f"train.max_steps={steps}", "train.batch_size=2", "rollout.n=8",
@@ -96,7 +96,7 @@ class GreedyEval:
 
     @torch.no_grad()
     def __call__(self, model) -> float:
-        from alignment.models import hf_model
+        from alignment.adapters import hf_model
         from alignment.rollout import SamplingParams
         from rewards.verifiable import is_correct
 

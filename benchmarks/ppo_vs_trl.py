@@ -15,7 +15,7 @@ Workload, the same for every contender: SmolLM2-135M-Instruct (embedded, offline
 4 prompts x 4 samples per step (the recipe's own batch), at most 16 new tokens, lr 1e-5,
 temperature 1.0, and 4 optimizer steps on each rollout batch: 2 epochs x 2 mini-batches of 8 samples.
   - ours: trainers.ppo.PPOTrainer from configs/ppo_chain_sum.yaml (critic, GAE, clipped policy and
-    value losses, kl.coef 0.05 to the initial policy, ppo.epochs 2, bf16 autocast with fp32 master
+    value losses, kl.coef 0.05 to the initial policy, ppo.passes 2, bf16 autocast with fp32 master
     weights), timing each `step()` call: rollout, old / reference log-prob and value forwards, GAE,
     the policy and critic updates, and the verified weight sync. Its own metrics split the step into
     time/rollout_s (generation + reward + those three forwards + GAE), time/train_s (the updates of
@@ -73,7 +73,7 @@ def forward_passes(cfg, trl_config: dict | None) -> tuple[int, int]:
     """Forward-equivalent passes per rollout batch over every token: (through the policy, with its LM
     head at the completion positions; through a backbone without the head: critic or recompute)."""
     if trl_config is None:  # ours: generation, old and reference log-probs + updates; critic: values + updates
-        return 3 + 3 * cfg.ppo.epochs, 1 + 3 * cfg.ppo.epochs
+        return 3 + 3 * cfg.ppo.passes, 1 + 3 * cfg.ppo.passes
     iterations = trl_config["num_iterations"]
     old_logp = trl_config["steps_per_generation"] * iterations > 1  # gradient accumulation is 1 here
     return 1 + int(old_logp) + 3 * iterations, iterations if trl_config["gradient_checkpointing"] else 0
@@ -114,7 +114,7 @@ def main(quick: bool = False) -> dict:
     # The same samples per optimizer step and optimizer steps per rollout batch as ours.
     grpo = {"num_generations": cfg.rollout.n,
             "per_device_train_batch_size": cfg.train.batch_size // cfg.train.mini_batches * cfg.rollout.n,
-            "steps_per_generation": cfg.train.mini_batches, "num_iterations": cfg.ppo.epochs,
+            "steps_per_generation": cfg.train.mini_batches, "num_iterations": cfg.ppo.passes,
             "max_completion_length": cfg.rollout.max_new_tokens}
 
     peaks = {"bf16_tflops": [C.matmul_peak_tflops(torch.bfloat16)],
@@ -188,8 +188,8 @@ def main(quick: bool = False) -> dict:
               "passes", "TFLOP/step", "TFLOP/s", "of bf16 peak", f"acc ({eval_size})"]
     print()
     print(f"{steps} steps each (a step = one rollout batch of {PROMPTS} prompts x {SAMPLES} samples, <= "
-          f"{cfg.rollout.max_new_tokens} new tokens, then {cfg.ppo.epochs} epochs x {cfg.train.mini_batches} "
-          f"mini-batches = {cfg.ppo.epochs * cfg.train.mini_batches} optimizer steps); steady state = steps "
+          f"{cfg.rollout.max_new_tokens} new tokens, then {cfg.ppo.passes} epochs x {cfg.train.mini_batches} "
+          f"mini-batches = {cfg.ppo.passes * cfg.train.mini_batches} optimizer steps); steady state = steps "
           f"{warmup + 1}..{steps}; s/step = median over the clean (uncontended) steps")
     print(f"TRL {C.versions('trl')['trl']} has no PPOTrainer, so the peer is GRPOTrainer with the same rollout "
           f"budget. Not like for like: our PPO also trains a critic and runs a reference forward.")
@@ -207,8 +207,8 @@ def main(quick: bool = False) -> dict:
         ["  of which engine.generate", f"{p['generate_s']:.2f}", ""],
         ["  of which the rest", f"{p['score_s']:.2f}", "reward, old/ref log-probs, critic values, GAE"],
         ["time/train_s", f"{p['train_s']:.2f}",
-         f"{cfg.ppo.epochs * cfg.train.mini_batches} policy + "
-         f"{cfg.ppo.epochs * cfg.train.mini_batches} critic optimizer steps"],
+         f"{cfg.ppo.passes * cfg.train.mini_batches} policy + "
+         f"{cfg.ppo.passes * cfg.train.mini_batches} critic optimizer steps"],
         ["time/sync_s", f"{p['sync_s']:.2f}", "weight push to the engine + canary check"],
     ], ["phase", "s", "contains"]))
     for name, f in figures.items():
@@ -234,7 +234,7 @@ def main(quick: bool = False) -> dict:
             "task_args": cfg.data.task_args, "prompt_suffix": cfg.data.prompt_suffix, "chat_template": True,
             "prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES,
             "max_new_tokens": cfg.rollout.max_new_tokens, "lr": cfg.train.lr, "temperature": cfg.rollout.temperature,
-            "optimizer_steps_per_rollout": cfg.ppo.epochs * cfg.train.mini_batches,
+            "optimizer_steps_per_rollout": cfg.ppo.passes * cfg.train.mini_batches,
             "ours": {"config": str(CONFIG.relative_to(ROOT)), "overrides": list(EXTRA), "kl_coef": cfg.kl.coef,
                      "ppo": dataclasses.asdict(cfg.ppo), "bf16": cfg.train.bf16},
             "steps": steps, "warmup_steps_excluded": warmup, "eval_problems": eval_size,

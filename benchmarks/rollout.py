@@ -41,7 +41,7 @@ def _prompts(tokenizer, count: int) -> list[list[int]]:
 
 
 def _canary(model, tokenizer, prompts):
-    from alignment.models import pack, token_logprobs
+    from alignment.logprobs import pack, token_logprobs
     from alignment.rollout import Canary
 
     tails = [p[-24:] for p in prompts[:2]]
@@ -54,7 +54,7 @@ def _canary(model, tokenizer, prompts):
 
 
 def _measure(name, engine, model, tokenizer, batches, new_tokens, repeats) -> dict:
-    from alignment.models import merged_state_dict
+    from alignment.adapters import merged_state_dict
     from alignment.rollout import SamplingParams
 
     weights = merged_state_dict(model)

@@ -3,7 +3,7 @@
     align bench routing            # 3 task seeds + 3 variants, the overhead run (~8 min on 2 cores)
     align bench routing --quick    # 1 seed, fewer steps (smoke check)
 
-Accuracy vs budget, on the faithful-check task of tests/test_routing.py (tests/preference_task.py):
+Accuracy vs budget, on the faithful-check task of tests/test_routing.py (tests/support/preference_task.py):
 word-value pairs, a preference model trained on the in-distribution words (tiny Llama, top layer and
 SNGP head trained), 300 in- and 200 out-of-distribution held-out pairs, a simulated judge right 90 %
 of the time. For each judged fraction: `budget` (the most uncertain pairs), `random` (the same
@@ -38,9 +38,9 @@ VARIANTS = {"sngp": {}, "sngp_no_sn": {"spectral_norm": False}, "mc_dropout": {"
 
 
 def train_word_pm(folder: Path, seed: int, steps: int, pm: dict) -> Path:
-    from alignment.cli import build_config
-    from tests.conftest import tiny_llama
-    from tests.preference_task import WordValueTask
+    from align.cli import build_config
+    from tests.support.tiny_models import tiny_llama
+    from tests.support.preference_task import WordValueTask
 
     task = WordValueTask(seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def train_word_pm(folder: Path, seed: int, steps: int, pm: dict) -> Path:
 def accuracy_curves(path: Path, seed: int) -> dict:
     from alignment.config import RouterConfig
     from rewards.preference_model import PreferenceScorer
-    from tests.preference_task import WordValueTask, accuracy_by_decile, routed_accuracy, simulated_judge
+    from tests.support.preference_task import WordValueTask, accuracy_by_decile, routed_accuracy, simulated_judge
 
     task = WordValueTask(seed=seed)
     items = task.pairs(300, True, seed=2) + task.pairs(200, False, seed=3)
@@ -89,8 +89,8 @@ def accuracy_curves(path: Path, seed: int) -> dict:
 
 
 def routing_overhead(folder: Path, steps: int) -> dict:
-    from alignment.cli import build_config
-    from tests.judge_server import start_judge_server
+    from align.cli import build_config
+    from tests.support.judge_server import start_judge_server
 
     smol = "builtin:smollm2-135m-instruct"
     data = str(C.ROOT / "data/hhh/hhh_pairs.json")

@@ -28,7 +28,7 @@ THREADS = 2
 def main(quick: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from alignment.cli import build_config
+    from align.cli import build_config
     from alignment.data import load_prompts
     from alignment.logging import read_metrics
     from alignment.models import load_tokenizer, resolve_path

@@ -53,6 +53,11 @@ class PythonReward:
         return values
 
 
+def answers_needed(cfg: RewardConfig) -> str | None:
+    """What needs an `answer` in every prompt row (load_prompts' check), or None."""
+    return "reward.type=verifiable" if cfg.type == "verifiable" else None
+
+
 def build_reward(cfg: RewardConfig) -> RewardFn:
     if cfg.type == "verifiable":
         return VerifiableReward(cfg.correct, cfg.incorrect)

@@ -1,4 +1,4 @@
-"""Think-RM's generative reward-model format (Hong et al., NeurIPS 2025; methods.md section 2).
+"""Think-RM's generative reward-model format (Hong et al., NeurIPS 2025).
 
 A generative RM (GenRM) reads a context and two responses, Assistant A and Assistant B, judged under
 a set of criteria. It thinks inside <think>...</think>, then answers inside <answer></answer>:
@@ -35,7 +35,7 @@ positive when A (the first response) is better. Binary A -> +1 and B -> -1; mult
   alone are too long gets no ids (the Think-RM SFT stage drops it with a warning).
 
 `genrm.json` in a model folder records the format the model was trained with (written by
-`trainer: think_rm`); a `generative_rm` judge on that folder reads it, so the prompt it sees at
+`trainer: think_rm_sft` and `think_rm_rl`); a `generative_rm` judge on that folder reads it, so the prompt it sees at
 judging time is the one it learned.
 """
 
@@ -45,10 +45,11 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
-from alignment.config import ConfigError, DataConfig
-from alignment.data import DataError, _rows_with_held_out, encode_response, message_text, validate_rows
+from alignment.config import ConfigError
+from alignment.data import encode_response, message_text
+from rewards.comparisons import Comparison
 
 CRITERIA = """You are an impartial judge. Two AI assistants answered the same conversation; decide whose \
 final response serves the user better. Weigh these criteria:
@@ -252,95 +253,3 @@ def pair_strength(fmt: GenRMFormat, text: str, length_weight: bool = True) -> fl
     if fmt.verdict == "binary" and length_weight:
         return s / max(len(text), 1)
     return s / fmt.max_strength
-
-
-# ---- data -------------------------------------------------------------------------------------
-@dataclass
-class Comparison:
-    """One judgement example: `{"prompt", "response_a", "response_b", "label", "reasoning"?}`."""
-
-    prompt: str | list[dict]
-    response_a: str
-    response_b: str
-    strength: int  # the gold verdict (> 0: A better)
-    reasoning: str | None = None  # a teacher's reasoning (SFT warm-up)
-    origin: str = ""  # where the row comes from, e.g. "sft.jsonl: row 4"
-
-
-def label_strength(label, fmt: GenRMFormat, where: str) -> int:
-    """A data label as a strength: "A" / "B" (binary), or the reference's signed score -3..3 without 0
-    (negative: A better; multiclass)."""
-    if fmt.verdict == "binary":
-        if label in ("A", "B"):
-            return 1 if label == "A" else -1
-        raise DataError(f"{where}: field 'label' must be \"A\" or \"B\" for binary verdicts, got {label!r}")
-    if isinstance(label, int) and not isinstance(label, bool) and label in (-3, -2, -1, 1, 2, 3):
-        return -label
-    raise DataError(f"{where}: field 'label' must be an int in -3..3 without 0 (negative: A better) for "
-                    f"multiclass verdicts, got {label!r}")
-
-
-def load_comparisons(cfg: DataConfig, fmt: GenRMFormat, seed: int, reasoning: bool
-                     ) -> tuple[list[Comparison], list[Comparison]]:
-    """(train, held-out) judgement rows; with `reasoning`, each row needs its teacher reasoning."""
-    rows, origin, held, held_origin = _rows_with_held_out(cfg, seed)
-    required = {"prompt": (str, list), "response_a": (str,), "response_b": (str,), "label": (str, int)}
-    if reasoning:
-        required["reasoning"] = (str,)
-
-    def comparison(r, where):
-        return Comparison(r["prompt"], r["response_a"], r["response_b"], label_strength(r["label"], fmt, where),
-                          r.get("reasoning"), where)
-
-    def comparisons(rows, origin):
-        validate_rows(rows, required, origin)
-        return [comparison(r, f"{origin}: row {r['_row']}") for r in rows]
-
-    return comparisons(rows, origin), comparisons(held, held_origin)
-
-
-_THINK_TAGS = re.compile(r"</?think>")
-
-
-def reasoning_of(trace: str) -> str:
-    """The reasoning part of a teacher's output: everything before its last <answer>, think tags removed."""
-    head = trace[: trace.rfind("<answer>")] if "<answer>" in trace else trace
-    return _THINK_TAGS.sub("", head).strip()
-
-
-def build_sft_examples(pairs: list[dict], teacher: Callable[[list, list[str], list[str]], list[list[str]]],
-                       fmt: GenRMFormat, seed: int = 0) -> tuple[list[dict], dict[str, int]]:
-    """Think-RM's warm-up data from preference pairs `{"prompt", "chosen", "rejected", "strength"?}`.
-
-    Each pair is shown in a seeded random order (the chosen response as A or as B). `teacher(prompts,
-    responses_a, responses_b)` returns several sampled judgements per pair (full outputs ending in an
-    <answer>); the longest one whose verdict matches the label is kept, as the reference kept QwQ's
-    longest correct trace of 10. Pairs with no correct trace are dropped. Multiclass labels need the
-    pair's `strength` (1..3, how much better the chosen response is).
-    Returns the rows `{"prompt", "response_a", "response_b", "reasoning", "label"}` and counts.
-    """
-    import random
-
-    rng = random.Random(seed)
-    shown = []
-    for i, pair in enumerate(pairs):
-        chosen_first = rng.random() < 0.5
-        size = 1
-        if fmt.verdict == "multiclass":
-            size = pair.get("strength")
-            if not isinstance(size, int) or not 1 <= abs(size) <= 3:
-                raise DataError(f"pair {i}: multiclass labels need a 'strength' of 1..3, got {size!r}")
-            size = abs(size)
-        a, b = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
-        shown.append((pair["prompt"], a, b, size if chosen_first else -size))
-    traces = teacher([s[0] for s in shown], [s[1] for s in shown], [s[2] for s in shown])
-    rows, dropped = [], 0
-    for (prompt, a, b, strength), samples in zip(shown, traces):
-        correct = [t for t in samples if fmt.strength(t) == strength]
-        if not correct:
-            dropped += 1
-            continue
-        rows.append({"prompt": prompt, "response_a": a, "response_b": b,
-                     "reasoning": reasoning_of(max(correct, key=len)), "label": fmt.answer(strength)
-                     if fmt.verdict == "binary" else -strength})
-    return rows, {"pairs": len(pairs), "kept": len(rows), "dropped": dropped}

@@ -10,7 +10,7 @@ position ends at 0.
 Backends (`JudgeConfig.type`):
 - `openai`: any OpenAI-compatible chat-completions server (`vllm serve`, a hosted API);
 - `local`: a judge model run in process on our rollout engine (hf or vllm), same prompt and parser;
-- `generative_rm`: a Think-RM generative reward model (trainer: think_rm) on the same engine.
+- `generative_rm`: a Think-RM generative reward model (trainer: think_rm_sft, then think_rm_rl) on the same engine.
 
 The format (`judge.verdict`): `label` asks for <label>1|2|0</label>; `binary` / `multiclass` are
 Think-RM's <answer> formats (rewards/generative.py), so a GenRM served by `vllm serve` is an `openai`
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import httpx
 
 from alignment.config import ConfigError, JudgeConfig
+from alignment.data import in_both_orders
 from alignment.models import resolve_path
 from rewards.generative import GenRMFormat, encode_judge_prompt, judge_messages, read_verdict
 from rewards.remote import BoundedClient
@@ -80,7 +81,7 @@ class LabelFormat:
 def judge_format(cfg: JudgeConfig) -> LabelFormat | GenRMFormat:
     """`judge.verdict`: label for openai / local judges, binary or multiclass for a GenRM. Unset, it
     is label for openai / local, and for generative_rm the format saved with the model (genrm.json,
-    written by `trainer: think_rm`), else binary; `think_prefill` and `criteria` likewise."""
+    written by the think_rm trainers), else binary; `think_prefill` and `criteria` likewise."""
     verdict = cfg.verdict or ("label" if cfg.type != "generative_rm" else None)
     if verdict == "label":
         return LabelFormat(cfg.criteria)
@@ -115,8 +116,7 @@ class Judge:
             return [j.verdict for j in self.judge(prompts, responses_a, responses_b)]
         # Both orders in one batch; v_ba is a verdict on (B, A), so A's advantage there is -v_ba.
         n = len(prompts)
-        both = [j.verdict for j in self.judge(list(prompts) * 2, list(responses_a) + list(responses_b),
-                                              list(responses_b) + list(responses_a))]
+        both = [j.verdict for j in self.judge(*in_both_orders(prompts, responses_a, responses_b))]
         return [None if ab is None or ba is None else (ab - ba) / 2 for ab, ba in zip(both[:n], both[n:])]
 
     def judge(self, prompts: list, responses_a: list[str], responses_b: list[str]) -> list[Judgement]:

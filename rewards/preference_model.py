@@ -10,7 +10,7 @@ Its head is a Gaussian process approximated by random Fourier features (SNGP, Li
     var = ridge * phi^T (ridge I + P)^-1 phi,  P = sum over the training pairs of phi phi^T
     u   = sqrt(1 + gp_amplitude * var) >= 1,  calibrated logit g / u  (mean-field approximation)
 
-Choices where the reference code and the paper leave room (methods.md section 4 (g)):
+Choices where the reference code (zhenghaoxu-gatech/uncertainty-router) and the paper leave room:
 - The precision P is accumulated in one pass over the training pairs with the *final* model after
   training (the reference adds up phi phi^T during the last epoch, while the features still move).
   Identity weights by default, as the reference; `laplace_weights` uses the textbook p(1 - p).
@@ -40,9 +40,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from alignment.data import as_messages, message_text
+from alignment.data import as_messages, in_both_orders, message_text
 from alignment.config import bounded
-from alignment.models import autocast
+from alignment.logprobs import autocast
+from alignment.models import with_pad_token
 from rewards.reward_model import encode_text_pairs, left_truncated
 
 HEAD_FILE = "preference_head.safetensors"
@@ -235,9 +236,7 @@ def load_preference_model(path: str | Path, device=None, bf16: bool = False):
                                 "`trainer: preference_model`)")
     spec = json.loads((path / CONFIG_FILE).read_text())
     hidden = spec.pop("hidden_size")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(path))
     backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
     model = PreferenceModel(backbone, hidden, HeadOptions(**spec), bf16)
     model.load_head_state(load_file(str(path / HEAD_FILE)))
@@ -282,6 +281,5 @@ class PreferenceScorer:
         """Both orders: antisymmetrised score S_ab = (g(a, b) - g(b, a)) / 2 and pair uncertainty
         U_ab = (u(a, b) + u(b, a)) / 2, each (N,)."""
         count = len(prompts)
-        g, u = self.predict(list(prompts) * 2, list(responses_a) + list(responses_b),
-                            list(responses_b) + list(responses_a))
+        g, u = self.predict(*in_both_orders(prompts, responses_a, responses_b))
         return (g[:count] - g[count:]) / 2, (u[:count] + u[count:]) / 2

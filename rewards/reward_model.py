@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from alignment.data import as_messages, message_text
-from alignment.models import autocast
+from alignment.logprobs import autocast
+from alignment.models import with_pad_token
 
 
 MAX_LENGTH_KEY = "reward_max_length"  # in a trained reward model's config.json: the length it was trained at
@@ -110,9 +111,7 @@ class RewardScorer:
     def from_dir(cls, path: str | Path, **kwargs) -> RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(path))
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id

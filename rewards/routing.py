@@ -150,9 +150,3 @@ class PairRouter:
         for (g, i, j), s in zip(where, result.scores.tolist()):
             matrices[g][i, j], matrices[g][j, i] = s, -s
         return matrices, result.stats
-
-
-def pairwise_advantage(scores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """A_i = scale * sum_{j != i} S_ij / (n - 1) over (..., n, n) antisymmetric scores (zero diagonal)."""
-    n = scores.shape[-1]
-    return scale * scores.sum(-1) / (n - 1)

@@ -41,6 +41,12 @@ def is_correct(example: Example, response: str) -> bool:
     return any(_normalise(c) == _normalise(example.answer) for c in candidates(response))
 
 
+def accuracy_checks(examples: list[Example]) -> dict:
+    """`eval/accuracy` of the greedy responses where every held-out prompt has a checkable answer."""
+    checkable = examples and all(e.entry is not None or e.answer is not None for e in examples)
+    return {"accuracy": is_correct} if checkable else {}
+
+
 class VerifiableReward:
     """+1 / -1 by default (the PMD recipe's scale: verl `math_dapo`)."""
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from alignment.logging import read_metrics
-from tests import adalora_toy as toy
-from tests.conftest import REPO, run_align
-from tests.helpers import toy_recipe
-from tests.test_offline_trainers import _write_demos, recipe
+from tests.support import adalora_toy as toy
+from tests.support import REPO
+from tests.support.recipes import run_align
+from tests.support.recipes import toy_recipe
+from tests.support.recipes import pairs_recipe, write_demos
 
 FINAL_PHASE = toy.STEPS - toy.PEFT.tfinal  # optimizer step at which the rank pattern is fixed
 TARGET = toy.PEFT.target_r * toy.LAYERS
@@ -44,7 +45,7 @@ def test_without_the_budget_update_every_layer_keeps_its_initial_rank():
 def test_two_process_zero2_launch_allocates_like_one_process(tmp_path):
     out = tmp_path / "zero2.json"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "tests/adalora_toy.py", str(out),
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "tests/support/adalora_toy.py", str(out),
                            "--deepspeed", "launch/ds_zero2.json"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,7 +56,7 @@ def test_two_process_zero2_launch_allocates_like_one_process(tmp_path):
 
 
 def test_zero3_is_refused_with_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "tests/adalora_toy.py", str(tmp_path / "x.json"), "--deepspeed",
+    proc = subprocess.run([sys.executable, "tests/support/adalora_toy.py", str(tmp_path / "x.json"), "--deepspeed",
                            "launch/ds_zero3.json"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "peft.type=adalora does not run under ZeRO-3" in proc.stderr
@@ -97,8 +98,8 @@ def test_every_trainer_drives_the_budget(tmp_path, tiny_model, trainer):
         path, checkpoint = _online_recipe(tmp_path, tiny_model, trainer), "step-2"
         args = ["train.save_every=2"]
     else:
-        data = _write_demos(tmp_path) if trainer == "sft" else {}
-        path = recipe(tmp_path, tiny_model, trainer, peft=ADALORA, data=data, train={"max_steps": 6})
+        data = write_demos(tmp_path) if trainer == "sft" else {}
+        path = pairs_recipe(tmp_path, tiny_model, trainer, peft=ADALORA, data=data, train={"max_steps": 6})
         checkpoint, args = "step-4", ["train.save_every=4"]
     proc = run_align("train", str(path), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,7 +135,7 @@ def test_orthogonality_penalty_is_added_to_losses_computed_outside_the_model():
 
     from alignment.backend import Backend
     from alignment.config import TrainConfig
-    from alignment.models import apply_peft
+    from alignment.adapters import apply_peft
 
     model = apply_peft(toy.Branches(), toy.PEFT, total_steps=toy.STEPS)
     backend = Backend(model, TrainConfig(bf16=False), 4)

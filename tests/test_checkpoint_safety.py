@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from tests.conftest import run_align
-from tests.test_offline_trainers import recipe
+from tests.support.recipes import run_align
+from tests.support.recipes import pairs_recipe
 
 
 class Planted:
@@ -32,7 +32,7 @@ ADALORA = {"type": "adalora", "init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 
                  "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt", marks=pytest.mark.slow),  # ~30 s
 ])
 def test_resume_refuses_a_planted_checkpoint_file(tmp_path, tiny_model, case, overrides, planted):
-    path = recipe(tmp_path, tiny_model, "reward_model")
+    path = pairs_recipe(tmp_path, tiny_model, "reward_model")
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     proc = run_align("train", str(path), "train.max_steps=2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -73,10 +73,10 @@ MALFORMED = [  # (field, value, what the message says after `field 'NAME'`)
 
 
 def _loaders():
-    from rewards.generative import GenRMFormat, load_comparisons
+    from rewards.comparisons import load_comparisons
 
     def comparisons(cfg, seed):
-        return load_comparisons(cfg, GenRMFormat(), seed, reasoning=False)
+        return load_comparisons(cfg, "binary", seed, reasoning=False)
 
     return {"prompts": (load_prompts, ("prompt",)), "pairs": (load_pairs, ("prompt", "chosen", "rejected")),
             "demonstrations": (load_demonstrations, ("prompt", "completion")),
@@ -130,8 +130,8 @@ def test_non_utf8_file_names_file_row_and_byte(tmp_path):
 
 
 def test_missing_answer_under_a_verifiable_reward_fails_at_load(capsys, tmp_path, tiny_model):
-    from alignment.cli import main
-    from tests.helpers import toy_recipe
+    from align.cli import main
+    from tests.support.recipes import toy_recipe
 
     prompts = tmp_path / "math.jsonl"
     prompts.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2?"}) + "\n")

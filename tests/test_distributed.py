@@ -15,8 +15,8 @@ import pytest
 
 from alignment.logging import read_metrics
 from alignment.backend import _free_port
-from tests.conftest import run_align
-from tests.helpers import toy_recipe
+from tests.support.recipes import run_align
+from tests.support.recipes import toy_recipe
 
 pytestmark = pytest.mark.slow
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
@@ -95,7 +95,7 @@ def test_deepspeed_launcher_two_processes_zero3(reference, tmp_path):
 def test_ppo_two_processes_zero2_match_one_process(tmp_path, tiny_model):
     """PPO's critic gets its own DeepSpeed engine and whitening uses global statistics: 2 ranks
     reproduce one process."""
-    recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"epochs": 2, "critic_lr": 1e-3})
+    recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"passes": 2, "critic_lr": 1e-3})
     assert run_align("train", str(recipe), f"output_dir={tmp_path / 'one'}").returncode == 0
     proc = run_align("train", str(recipe), f"output_dir={tmp_path / 'two'}",
                      launcher=ACCELERATE + ["--config_file", "launch/zero2.yaml", "--num_processes", "2",

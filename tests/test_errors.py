@@ -8,9 +8,10 @@ import typing
 
 import pytest
 
-from alignment.cli import build_config, main
+from align.cli import build_config, main
 from alignment.config import BaseConfig, ConfigError, _section_type, check_ranges, load_config, parse_overrides
-from tests.helpers import REPO, toy_recipe
+from tests.support import REPO
+from tests.support.recipes import toy_recipe
 
 
 def _fails(capsys, args) -> str:
@@ -28,8 +29,8 @@ def test_unknown_key_names_it_and_the_nearest_valid_ones(capsys, tmp_path, tiny_
 
 def test_unknown_section_and_trainer_key(capsys, tmp_path, tiny_model):
     recipe = toy_recipe(tmp_path, tiny_model)
-    assert "did you mean pmd.tau" in _fails(capsys, ["train", str(recipe), "pmd.taus=0.2"])
-    assert "unknown trainer 'ppo2' (valid: dpo, grpo, pairwise_rlhf, pmd, ppo, preference_model, reward_model, routed_rl, sft, sr_ppo, think_rm)" in _fails(capsys, ["train", str(recipe), "trainer=ppo2"])
+    assert "did you mean algo.tau" in _fails(capsys, ["train", str(recipe), "algo.taus=0.2"])
+    assert "unknown trainer 'ppo2' (valid: dpo, grpo, pairwise_rlhf, pmd, ppo, preference_model, reward_model, routed_rl, sft, sr_ppo, think_rm_rl, think_rm_sft)" in _fails(capsys, ["train", str(recipe), "trainer=ppo2"])
 
 
 OUT_OF_RANGE = [
@@ -57,13 +58,21 @@ OUT_OF_RANGE = [
 @pytest.mark.parametrize("override, message", [
     ("train.lr=fast", "train.lr: expected float, got 'fast' (str)"),
     ("train.max_steps=2.5", "train.max_steps: expected int, got 2.5 (float)"),
-    ("pmd.baseline=median", "pmd.baseline: expected one of 'mean' | 'partition', got 'median'"),
+    ("algo.advantage=median", "algo.advantage: unknown reward advantage estimator 'median' (valid: grpo, ploo, rloo)"),
+    ("algo.policy_loss=dpo", "algo.policy_loss: unknown policy loss 'dpo' (valid: pmd, ppo)"),
+    ("algo.kl_estimator=k4", "algo.kl_estimator: unknown KL estimator 'k4' (valid: k1, k2, k3)"),
     ("train.bf16=maybe", "train.bf16: expected bool, got 'maybe' (str)"),
     ("rollout=3", "rollout: expected RolloutConfig, got 3 (int)"),
     *OUT_OF_RANGE,
+    # renamed keys name their new spelling
+    ("pmd.tau=0.2", "use algo.tau"),
+    ("pmd.baseline=partition", "use algo.advantage (mean: rloo, partition: ploo)"),
+    ("grpo.kl_coef=0.1", "use algo.kl_coef"),
+    ("trainer=think_rm", "use trainer: think_rm_sft (warm-up on reasoning) or trainer: think_rm_rl"),
 ])
 def test_wrong_value_names_the_key_and_what_it_expects(capsys, tmp_path, tiny_model, override, message):
-    """A wrong type names the expected type; a number out of range names the range; nothing is written."""
+    """A wrong type names the expected type, a number out of range the range, a renamed key its new
+    spelling; nothing is written."""
     recipe = toy_recipe(tmp_path, tiny_model)
     assert message in _fails(capsys, ["train", str(recipe), override, f"output_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()

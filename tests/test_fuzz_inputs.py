@@ -8,17 +8,17 @@ import random
 
 import pytest
 
-from alignment.cli import build_config
+from align.cli import build_config
 from alignment.config import ConfigError, DataConfig, _all_keys
 from alignment.data import DataError, load_demonstrations, load_pairs, load_prompts
-from rewards.generative import GenRMFormat, load_comparisons
-from tests.helpers import toy_recipe
+from rewards.comparisons import load_comparisons
+from tests.support.recipes import toy_recipe
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
 
 
 def _comparisons(cfg, seed):
-    return load_comparisons(cfg, GenRMFormat(), seed, reasoning=True)
+    return load_comparisons(cfg, "binary", seed, reasoning=True)
 
 
 def _verifiable_prompts(cfg, seed):

@@ -15,11 +15,12 @@ from alignment.compression.gear import (
 )
 from alignment.config import ConfigError, KVCompressionConfig, RolloutConfig
 from alignment.logging import read_metrics
-from alignment.models import builtin_smollm2, pack, token_logprobs
+from alignment.logprobs import pack, token_logprobs
+from alignment.models import builtin_smollm2
 from alignment.rollout import SamplingParams
 from alignment.rollout.hf import HFEngine
-from tests.conftest import run_align
-from tests.helpers import toy_recipe
+from tests.support.recipes import run_align
+from tests.support.recipes import toy_recipe
 
 
 def kv_like(seed: int = 0) -> torch.Tensor:

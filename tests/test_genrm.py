@@ -8,15 +8,13 @@ import torch
 
 from alignment.config import ConfigError, DataConfig, JudgeConfig
 from alignment.data import DataError
-from rewards.generative import (
-    CRITERIA, THINK_PREFILL, GenRMFormat, build_sft_examples, load_comparisons, pair_strength, reasoning_of,
-    verdict_reward,
-)
+from rewards.comparisons import Comparison, load_comparisons
+from rewards.generative import CRITERIA, THINK_PREFILL, GenRMFormat, pair_strength, verdict_reward
+from rewards.sft_examples import build_sft_examples, reasoning_of
 from rewards.judges import LabelFormat, OpenAIJudge, judge_format
-from tests.judge_server import start_judge_server
-from tests.verdict_task import comparison_rows, make_pairs, teacher, write_jsonl
-from trainers.grpo import group_normalised
-from trainers.pairwise_rlhf import pairwise_group_advantage
+from tests.support.judge_server import start_judge_server
+from tests.support.verdict_task import comparison_rows, make_pairs, teacher, write_jsonl
+from alignment.algos import group_normalised, normalised_preference
 
 BINARY, MULTI = GenRMFormat("binary"), GenRMFormat("multiclass")
 
@@ -114,12 +112,12 @@ def test_pairwise_advantage_equals_grpo_for_reward_differences():
     torch.manual_seed(0)
     rewards = torch.randn(5, 4)  # 5 prompts, G = 4
     d = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)  # d_ij = r_i - r_j
-    assert torch.allclose(pairwise_group_advantage(d), group_normalised(rewards), atol=1e-4)
+    assert torch.allclose(normalised_preference(d), group_normalised(rewards), atol=1e-4)
     # Scale-free: multiclass strengths in thirds give the same advantages as the reference's integers.
-    assert torch.allclose(pairwise_group_advantage(d / 3), pairwise_group_advantage(d), atol=1e-3)
+    assert torch.allclose(normalised_preference(d / 3), normalised_preference(d), atol=1e-3)
     # The best response of a consistent ranking gets the largest advantage; advantages sum to zero.
     ranks = torch.tensor([[3.0, 1.0, 0.0, 2.0]])
-    adv = pairwise_group_advantage(torch.sign(ranks.unsqueeze(-1) - ranks.unsqueeze(-2)))
+    adv = normalised_preference(torch.sign(ranks.unsqueeze(-1) - ranks.unsqueeze(-2)))
     assert adv.argmax() == 0 and adv.argmin() == 2 and abs(float(adv.sum())) < 1e-5
 
 
@@ -143,7 +141,6 @@ def test_prompt_layout_and_targets():
 def test_sft_ids_prefill_is_context_and_the_turn_closes(tiny_model):
     from alignment.config import ModelConfig
     from alignment.models import load_tokenizer
-    from rewards.generative import Comparison
 
     tokenizer = load_tokenizer(ModelConfig(path=str(tiny_model)))
     fmt = GenRMFormat("binary", think_prefill=True)
@@ -159,7 +156,7 @@ def test_sft_ids_cut_the_middle_of_a_long_reasoning(tiny_model, prefill):
     </think>, the answer and the end of turn; a prompt too long for even that gets no ids."""
     from alignment.config import ModelConfig
     from alignment.models import load_tokenizer
-    from rewards.generative import CUT_MARKER, Comparison
+    from rewards.generative import CUT_MARKER
 
     tokenizer = load_tokenizer(ModelConfig(path=str(tiny_model)))
     fmt = GenRMFormat("binary", think_prefill=prefill)
@@ -213,16 +210,16 @@ def test_builder_keeps_the_longest_correct_trace():
 
 def test_comparison_data_errors_name_the_file_and_row(tmp_path):
     good = write_jsonl(tmp_path / "ok.jsonl", comparison_rows(make_pairs(4, 0), 0))
-    train, _ = load_comparisons(DataConfig(path=str(good)), BINARY, 0, reasoning=False)
+    train, _ = load_comparisons(DataConfig(path=str(good)), "binary", 0, reasoning=False)
     assert len(train) == 4 and {c.strength for c in train} <= {1, -1}
     with pytest.raises(DataError, match=r"ok.jsonl: row 1: missing field 'reasoning'"):
-        load_comparisons(DataConfig(path=str(good)), BINARY, 0, reasoning=True)
+        load_comparisons(DataConfig(path=str(good)), "binary", 0, reasoning=True)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "response_a": "a", "response_b": "b", "label": "A"},
                                                {"prompt": "p", "response_a": "a", "response_b": "b", "label": "C"}])
     with pytest.raises(DataError, match=r"bad.jsonl: row 2: field 'label' must be \"A\" or \"B\""):
-        load_comparisons(DataConfig(path=str(bad)), BINARY, 0, reasoning=False)
+        load_comparisons(DataConfig(path=str(bad)), "binary", 0, reasoning=False)
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: .*int in -3..3"):
-        load_comparisons(DataConfig(path=str(bad)), MULTI, 0, reasoning=False)
+        load_comparisons(DataConfig(path=str(bad)), "multiclass", 0, reasoning=False)
 
 
 def test_judge_format_comes_from_the_model_folder(tmp_path):
@@ -262,18 +259,13 @@ UNPARSABLE = [  # each would have given a verdict to a parser that reads the las
 
 def test_rl_reward_and_parse_fail_frac_count_unparsable_outputs():
     """The RL stage's reward and `genrm/parse_fail_frac` read verdicts as the parser does."""
-    from types import SimpleNamespace
-
     from alignment.data import Example
     from alignment.online import RolloutBatch
-    from trainers.think_rm import ThinkRMRL
+    from trainers.think_rm import VerdictReward
 
-    rl = object.__new__(ThinkRMRL)  # only what score() uses: the format, the reward, the device
-    rl.fmt, rl.backend = BINARY, SimpleNamespace(device="cpu")
-    rl.reward_fn = rl.build_reward()
     texts = UNPARSABLE + ["x</think>\n<answer>A</answer>", "x</think><answer>B</answer>"]
     batch = RolloutBatch([Example("p", answer=1)] * len(texts), None, texts, {}, torch.zeros(len(texts), 1))
-    assert rl.score(batch).tolist() == [0.0] * len(UNPARSABLE) + [1.0, 0.0]
+    assert VerdictReward(BINARY)(batch).tolist() == [0.0] * len(UNPARSABLE) + [1.0, 0.0]
     assert batch.stats["genrm/parse_fail_frac"] == pytest.approx(len(UNPARSABLE) / len(texts))
 
 

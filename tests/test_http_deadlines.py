@@ -1,5 +1,5 @@
 """Wall-clock deadlines of the HTTP clients (rewards/remote.py `BoundedClient`): a server that trickles
-its reply one byte at a time (tests/judge_server.py, mode "trickle") cannot hold a judge call or a
+its reply one byte at a time (tests/support/judge_server.py, mode "trickle") cannot hold a judge call or a
 remote reward call past `timeout_s` per attempt, although each of its reads is quick."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from alignment.config import JudgeConfig
 from rewards.judges import VERDICT_A, OpenAIJudge
 from rewards.remote import RemoteRewardClient, RemoteRewardError
-from tests.judge_server import start_judge_server
+from tests.support.judge_server import start_judge_server
 
 MARGIN_S = 0.5  # thread start-up and cancellation; a trickled reply takes minutes
 

@@ -13,7 +13,7 @@ from alignment.config import ConfigError, JudgeConfig
 from rewards.generative import GenRMFormat
 from rewards.judges import (TIE, VERDICT_A, VERDICT_B, GenerativeRMJudge, LabelFormat, LocalJudge, OpenAIJudge,
                             build_judge, parse_verdict)
-from tests.judge_server import rule_verdict, start_judge_server
+from tests.support.judge_server import rule_verdict, start_judge_server
 
 # (prompt, A, B) and the rule server's verdict: the response with the larger first integer wins
 PAIRS = [

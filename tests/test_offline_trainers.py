@@ -8,44 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from alignment.logging import read_metrics
-from tests.conftest import run_align
+from tests.support.recipes import COLOURS, pairs_recipe, run_align, write_demos
 
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-
-
-def write_pairs(path: Path, count: int = 24, flip: tuple[int, ...] = ()) -> Path:
-    """An easy preference: kind answers beat rude ones; rows in `flip` carry the reversed label."""
-    rows = []
-    for i in range(count):
-        kind, rude = f"Happy to help, {COLOURS[i % 8]} is lovely.", f"Go away, I hate {COLOURS[i % 8]}."
-        chosen, rejected = (rude, kind) if i in flip else (kind, rude)
-        rows.append({"prompt": f"Tell me about the colour {COLOURS[i % 8]} (question {i}).",
-                     "chosen": chosen, "rejected": rejected})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def recipe(folder: Path, model: Path, trainer: str, **sections) -> Path:
-    values = {
-        "trainer": trainer, "output_dir": str(folder / "run"), "model": {"path": str(model)},
-        "data": {"path": str(write_pairs(folder / "pairs.jsonl")), "eval_path": str(write_pairs(folder / "eval.jsonl", 8))},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "bf16": False},
-    }
-    for key, value in sections.items():
-        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def _write_demos(folder: Path) -> dict:
-    demos = [{"prompt": f"Name colour {i}.", "completion": f"The colour is {COLOURS[i % 8]}."} for i in range(24)]
-    (folder / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
-    return {"path": str(folder / "demos.jsonl"), "eval_path": None}
 
 
 def _steps(out: Path) -> list[dict]:
@@ -53,7 +20,7 @@ def _steps(out: Path) -> list[dict]:
 
 
 def test_reward_model_r3m_learns_and_writes_outliers(tmp_path, tiny_model):
-    path = recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m", "lam": 0.75})
+    path = pairs_recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m", "lam": 0.75})
     proc = run_align("train", str(path), "train.max_steps=12")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
@@ -77,7 +44,7 @@ def test_reward_model_r3m_learns_and_writes_outliers(tmp_path, tiny_model):
 
 
 def test_reward_model_bt_with_lora_trains_the_head_and_saves_a_merged_model(tmp_path, tiny_model):
-    path = recipe(tmp_path, tiny_model, "reward_model", peft={"type": "lora", "r": 4, "alpha": 8})
+    path = pairs_recipe(tmp_path, tiny_model, "reward_model", peft={"type": "lora", "r": 4, "alpha": 8})
     proc = run_align("train", str(path), "train.max_steps=10", "train.lr=5e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
@@ -92,7 +59,7 @@ def test_reward_model_bt_with_lora_trains_the_head_and_saves_a_merged_model(tmp_
 
 @pytest.mark.parametrize("loss", ["sigmoid", "r3m"])
 def test_dpo_raises_the_chosen_log_ratio(tmp_path, tiny_model, loss):
-    path = recipe(tmp_path, tiny_model, "dpo", dpo={"loss": loss, "beta": 0.5})
+    path = pairs_recipe(tmp_path, tiny_model, "dpo", dpo={"loss": loss, "beta": 0.5})
     proc = run_align("train", str(path), "train.max_steps=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
@@ -109,7 +76,7 @@ def math_log2() -> float:
 
 
 def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, tiny_model):
-    path = recipe(tmp_path, tiny_model, "dpo", dpo={"beta": 0.5}, peft={"type": "lora", "r": 4, "alpha": 8})
+    path = pairs_recipe(tmp_path, tiny_model, "dpo", dpo={"beta": 0.5}, peft={"type": "lora", "r": 4, "alpha": 8})
     proc = run_align("train", str(path), "train.max_steps=8", "train.lr=5e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")[0], _steps(tmp_path / "run")
@@ -118,11 +85,11 @@ def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, tiny_m
 
 
 def test_sft_lowers_held_out_loss(tmp_path, tiny_model):
-    _write_demos(tmp_path)
+    write_demos(tmp_path)
     chats = [{"messages": [{"role": "user", "content": f"Name colour {i}."},
                            {"role": "assistant", "content": f"The colour is {COLOURS[i % 8]}."}]} for i in range(8)]
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chats))
-    path = recipe(tmp_path, tiny_model, "sft", data={"path": str(tmp_path / "demos.jsonl"),
+    path = pairs_recipe(tmp_path, tiny_model, "sft", data={"path": str(tmp_path / "demos.jsonl"),
                                                    "eval_path": str(tmp_path / "held.jsonl")})
     proc = run_align("train", str(path), "train.epochs=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,7 +102,7 @@ def test_a_malformed_pair_names_the_file_and_row(tmp_path, tiny_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" +
                    json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
-    path = recipe(tmp_path, tiny_model, "reward_model", data={"path": str(bad), "eval_path": None})
+    path = pairs_recipe(tmp_path, tiny_model, "reward_model", data={"path": str(bad), "eval_path": None})
     proc = run_align("train", str(path))
     assert proc.returncode == 2 and f"{bad}: row 2: missing field 'rejected'" in proc.stderr
 
@@ -145,8 +112,8 @@ def test_a_malformed_pair_names_the_file_and_row(tmp_path, tiny_model):
                                            ("dpo", ("loss", "accuracy", "margin")), ("sft", ("loss",))])
 def test_two_processes_match_one(tmp_path, tiny_model, trainer, keys):
     (tmp_path / "one").mkdir()
-    data = _write_demos(tmp_path) if trainer == "sft" else {}
-    one = recipe(tmp_path / "one", tiny_model, trainer, data=data)
+    data = write_demos(tmp_path) if trainer == "sft" else {}
+    one = pairs_recipe(tmp_path / "one", tiny_model, trainer, data=data)
     proc = run_align("train", str(one), "train.max_steps=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "two"
@@ -163,7 +130,7 @@ def test_two_processes_match_one(tmp_path, tiny_model, trainer, keys):
 
 def test_resume_continues_exactly(tmp_path, tiny_model):
     """Stop after step 2 (its checkpoint), resume to 4: the same steps as one uninterrupted run."""
-    path = recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m"})
+    path = pairs_recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m"})
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert run_align("train", str(path), f"output_dir={whole}", "train.max_steps=4").returncode == 0
     assert run_align("train", str(path), f"output_dir={part}", "train.max_steps=2").returncode == 0
@@ -204,6 +171,6 @@ def test_strength_sets_a_margin_and_is_validated(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("trainer, section", [("reward_model", "rm"), ("dpo", "dpo")])
 def test_r3m_lambda_outside_the_unit_interval_names_the_key(tmp_path, tiny_model, trainer, section):
-    path = recipe(tmp_path, tiny_model, trainer, **{section: {"loss": "r3m", "lam": 1.5}})
+    path = pairs_recipe(tmp_path, tiny_model, trainer, **{section: {"loss": "r3m", "lam": 1.5}})
     proc = run_align("train", str(path))
     assert proc.returncode == 2 and f"{section}.lam: R^3M's lambda must lie in (0, 1), got 1.5" in proc.stderr

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.cli import build_config
-from tests.conftest import tiny_llama
-from tests.helpers import toy_recipe
-from tests.judge_server import start_judge_server
-from tests.toy_rewards import vowels
+from align.cli import build_config
+from tests.support.tiny_models import tiny_llama
+from tests.support.recipes import toy_recipe
+from tests.support.judge_server import start_judge_server
+from tests.support.toy_rewards import vowels
 
 pytestmark = pytest.mark.slow
 
 STEPS = 30
 COMMON = [f"train.max_steps={STEPS}", "train.lr=1e-2", "train.batch_size=4", "train.mini_batches=2",
-          "rollout.n=6", "rollout.max_new_tokens=12", "grpo.kl_coef=0.0"]
+          "rollout.n=6", "rollout.max_new_tokens=12", "algo.kl_coef=0.0"]
 
 
 def vowel_rule(response_a: str, response_b: str) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.cli import build_config
-from tests.conftest import tiny_llama
-from tests.helpers import toy_recipe
+from align.cli import build_config
+from tests.support.tiny_models import tiny_llama
+from tests.support.recipes import toy_recipe
 
 pytestmark = pytest.mark.slow
 SEEDS = (0, 1)
@@ -24,12 +24,15 @@ def peaked_model(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("peaked"), init_range=0.3)
 
 
+BASELINE_ESTIMATORS = {"mean": "rloo", "partition": "ploo"}  # PMD-mean, PMD-partition
+
+
 def reward_gains(folder, model, baseline: str, seed: int) -> tuple[float, float]:
     """(mean reward of the last 5 steps - of the first 5, held-out greedy reward after - before)."""
     recipe = toy_recipe(folder, model)
     trainer_cls, cfg = build_config(str(recipe), [
         "train.max_steps=30", "train.lr=1e-2", "train.batch_size=4", "train.mini_batches=2",
-        "rollout.n=6", "rollout.max_new_tokens=12", "pmd.tau=0.01", f"pmd.baseline={baseline}",
+        "rollout.n=6", "rollout.max_new_tokens=12", "algo.tau=0.01", f"algo.advantage={BASELINE_ESTIMATORS[baseline]}",
         f"output_dir={folder / 'run'}", f"seed={seed}",
     ])
     trainer = trainer_cls(cfg)

@@ -1,6 +1,5 @@
-"""PMD-mean (trainers/pmd.py): the loss, the leave-one-out baselines, and the population solution.
-
-The maths is in methods.md section 5. Everything here runs in float64 on CPU, with tight tolerances, so
+"""PMD-mean (trainers/pmd.py; the math in alignment/algos.py): the loss, the leave-one-out baselines,
+and the population solution (Xu, Lu, Yu, Zhao, arXiv 2602.05933). Everything here runs in float64 on CPU, with tight tolerances, so
 that a wrong sign, a missing length normalisation or a wrong baseline fails.
 """
 
@@ -11,8 +10,7 @@ import math
 import pytest
 import torch
 
-from alignment.online import ADVANTAGES, POLICY_LOSSES
-from trainers.pmd import leave_one_out_mean, leave_one_out_partition, pmd_loss
+from alignment.algos import POLICY_LOSSES, REWARD_ADVANTAGES, leave_one_out_mean, leave_one_out_partition, pmd_loss
 
 DT = torch.float64
 
@@ -130,7 +128,7 @@ def test_gradient_at_zero_log_ratio_is_loo_reinforce(tau):
     policy, tokens, mask, rewards, lengths = _policy_batch()
     adv = leave_one_out_mean(rewards).reshape(-1)
     logp = policy.logp(tokens)
-    loss, _ = pmd_loss(logp, logp.detach(), adv, mask, tau)
+    loss, _ = pmd_loss(logp, logp.detach(), adv, mask, tau=tau)
     gW, gU = torch.autograd.grad(loss, [policy.W, policy.U])
 
     # -(1/B) sum_i A_i grad(Delta_i) / |y_i|, with A_i = r_i - mean_{j != i} r_j built by hand, not by the code.
@@ -154,7 +152,7 @@ def test_gradient_off_policy_pulls_back():
     logp = policy.logp(tokens)
     old = logp.detach() + 0.2 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(5), dtype=DT)
     delta = ((logp.detach() - old) * mask).sum(-1)
-    loss, stats = pmd_loss(logp, old, adv, mask, tau)
+    loss, stats = pmd_loss(logp, old, adv, mask, tau=tau)
     gW, gU = torch.autograd.grad(loss, [policy.W, policy.U])
     dW, dU = policy.grad_delta(tokens, mask)
     coef = -((adv - tau * delta) / lengths) / len(adv)
@@ -191,7 +189,7 @@ def _rewards():
 @pytest.mark.parametrize("tau", [10.0, 1.0, 0.1, 0.01, 0.001])
 def test_partition_baseline_matches_direct(tau):
     r = _rewards()
-    got = leave_one_out_partition(r, tau)
+    got = leave_one_out_partition(r, tau=tau)
     assert torch.isfinite(got).all()  # tau = 0.001 puts r/tau = +-1000: naive exp overflows float64
     expect = torch.tensor(_ploo_direct(r.tolist(), tau), dtype=DT)
     torch.testing.assert_close(got, expect, atol=1e-12, rtol=1e-12)
@@ -200,7 +198,7 @@ def test_partition_baseline_matches_direct(tau):
 def test_partition_baseline_float32_is_stable():
     # float32 rewards are computed in float64 internally and come back float32, finite.
     r = _rewards()
-    got = leave_one_out_partition(r.float(), 0.001)
+    got = leave_one_out_partition(r.float(), tau=0.001)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), torch.tensor(_ploo_direct(r.tolist(), 0.001), dtype=DT),
                                atol=1e-6, rtol=0)
@@ -209,13 +207,13 @@ def test_partition_baseline_float32_is_stable():
 def test_partition_baseline_limits():
     r = _rewards()
     # tau -> inf: log-mean-exp -> mean, so ploo -> rloo (the gap is ~ var/(2 tau) ~ 1e-4 here).
-    gap = (leave_one_out_partition(r, 1e4) - leave_one_out_mean(r)).abs().max()
+    gap = (leave_one_out_partition(r, tau=1e4) - leave_one_out_mean(r)).abs().max()
     assert gap < 1e-3
     assert gap > 0  # still a different estimator
     # tau -> 0: log-mean-exp -> max, so ploo -> r_i - max_{j != i} r_j, within tau log(G - 1).
     n = r.shape[1]
     others_max = torch.stack([torch.cat([r[:, :i], r[:, i + 1:]], 1).max(1).values for i in range(n)], 1)
-    assert (leave_one_out_partition(r, 1e-3) - (r - others_max)).abs().max() <= 1e-3 * math.log(n - 1) + 1e-12
+    assert (leave_one_out_partition(r, tau=1e-3) - (r - others_max)).abs().max() <= 1e-3 * math.log(n - 1) + 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +236,7 @@ def _minimise_population(counts: list[int], rewards: list[float], tau: float, rl
     def closure():
         opt.zero_grad()
         logp = torch.log_softmax(theta, 0)[outcome].unsqueeze(1)
-        loss, _ = pmd_loss(logp, old, adv, mask, tau)
+        loss, _ = pmd_loss(logp, old, adv, mask, tau=tau)
         loss.backward()
         return loss
 
@@ -272,7 +270,7 @@ def test_population_solution_with_loo_advantages():
     assert max(abs(a - b) for a, b in zip(found, pmd_mean_population(pi_t, rewards, tau))) > 1e-3
 
 
-# methods.md 5(b) table: (tau, p) -> (KL-PMD p_new, PMD-mean p_new), binary reward, p = P(correct).
+# The paper's table: (tau, p) -> (KL-PMD p_new, PMD-mean p_new), binary reward, p = P(correct).
 TABLE = [(1.0, 0.05, 0.125, 0.121), (0.5, 0.05, 0.280, 0.213), (0.1, 0.01, 0.996, 0.260),
          (0.1, 0.05, 0.999, 0.567), (0.1, 0.5, 1.0, 0.997)]
 
@@ -345,7 +343,7 @@ def test_loss_value_by_hand():
     tau = 0.5
     # Delta = (0.5 + 0.25, -0.5 + 0.25 + 0) = (0.75, -0.25)
     # L_0 = 0.25 * (1/0.5 - 0.75)^2 / 2 = 0.1953125;  L_1 = 0.25 * (-0.5/0.5 + 0.25)^2 / 3 = 0.046875
-    loss, stats = pmd_loss(logp.requires_grad_(), old, adv, mask, tau)
+    loss, stats = pmd_loss(logp.requires_grad_(), old, adv, mask, tau=tau)
     assert loss.item() == pytest.approx((0.1953125 + 0.046875) / 2, abs=1e-12)
     assert stats["pmd/log_ratio"] == pytest.approx(0.25, abs=1e-12)
     assert stats["pmd/advantage_abs"] == pytest.approx(0.75, abs=1e-12)
@@ -357,19 +355,19 @@ def test_loss_value_by_hand():
 
 def test_padding_does_not_matter():
     logp, old, adv, mask = _hand_batch()
-    base_loss, _ = pmd_loss(logp, old, adv, mask, 0.5)
+    base_loss, _ = pmd_loss(logp, old, adv, mask, tau=0.5)
     g = torch.Generator().manual_seed(7)
     junk = 100 * torch.randn(logp.shape, generator=g, dtype=DT)
     pad = mask == 0
     logp2 = torch.where(pad, junk, logp).requires_grad_()
     old2 = torch.where(pad, -junk, old)
-    loss2, _ = pmd_loss(logp2, old2, adv, mask, 0.5)
+    loss2, _ = pmd_loss(logp2, old2, adv, mask, tau=0.5)
     assert loss2.item() == pytest.approx(base_loss.item(), abs=1e-12)
     (grad2,) = torch.autograd.grad(loss2, logp2)
     assert (grad2[pad] == 0).all()
     # Extra all-padding columns (a longer batch) change nothing either.
     wide = lambda x, v: torch.cat([x, torch.full((2, 3), v, dtype=DT)], 1)  # noqa: E731
-    loss3, _ = pmd_loss(wide(logp, 3.0), wide(old, -4.0), adv, wide(mask, 0.0), 0.5)
+    loss3, _ = pmd_loss(wide(logp, 3.0), wide(old, -4.0), adv, wide(mask, 0.0), tau=0.5)
     assert float(loss3) == pytest.approx(float(base_loss), abs=1e-12)
 
 
@@ -378,6 +376,6 @@ def test_padding_does_not_matter():
 # ---------------------------------------------------------------------------------------------------
 
 def test_registry():
-    assert ADVANTAGES["rloo"] is leave_one_out_mean
-    assert ADVANTAGES["ploo"] is leave_one_out_partition
-    assert POLICY_LOSSES["pmd"] is pmd_loss
+    assert REWARD_ADVANTAGES.get("rloo") is leave_one_out_mean
+    assert REWARD_ADVANTAGES.get("ploo") is leave_one_out_partition
+    assert POLICY_LOSSES.get("pmd") is pmd_loss

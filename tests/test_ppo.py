@@ -1,5 +1,5 @@
 """PPO core against hand-computed values, Self-Rewarding PPO's fixed points on a tabular problem
-(methods.md section 3b), and SR-PPO end to end on a tiny model."""
+(Self-Rewarding PPO), and SR-PPO end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from alignment.logging import read_metrics
-from tests.conftest import run_align, tiny_llama
-from tests.test_offline_trainers import COLOURS
-from trainers.ppo import clipped_value_loss, explained_variance, gae, kl_penalised_rewards, ppo_clip_loss, whiten
+from tests.support.recipes import run_align
+from tests.support.tiny_models import tiny_llama
+from tests.support.recipes import COLOURS
+from alignment.algos import clipped_value_loss, explained_variance, gae, kl_penalised_rewards, ppo_clip_loss, whiten
 
 
 def test_gae_matches_hand_computed_values():
@@ -82,7 +83,7 @@ def _optimise_tabular(logits0, reward, ref_logp, coef, iterations=300, epochs=4,
 
 
 def test_sr_ppo_reward_with_kl_to_base_at_coefficient_one_converges_to_sft():
-    """max E[log pi_SFT - log pi_base] - KL(pi || pi_base) is attained at pi_SFT (methods.md 3b)."""
+    """max E[log pi_SFT - log pi_base] - KL(pi || pi_base) is attained at pi_SFT."""
     g = torch.Generator().manual_seed(0)
     base = torch.log_softmax(torch.randn(3, 6, generator=g), -1)
     sft = torch.log_softmax(torch.randn(3, 6, generator=g), -1)
@@ -124,7 +125,7 @@ def test_sr_ppo_pipeline_raises_the_log_ratio_reward(tmp_path):
         "data": {"path": str(tmp_path / "prompts.jsonl")},
         "rollout": {"n": 4, "max_new_tokens": 8},
         "train": {"max_steps": 14, "lr": 2e-3, "batch_size": 4, "mini_batches": 2, "bf16": False},
-        "ppo": {"epochs": 2, "critic_lr": 1e-3},
+        "ppo": {"passes": 2, "critic_lr": 1e-3},
         "kl": {"coef": 0.01, "reference": "sft"},
     }
     path = tmp_path / "recipe.yaml"

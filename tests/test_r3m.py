@@ -1,4 +1,4 @@
-"""R^3M (rewards/pairwise.py): its gradient, and what the paper claims at small scale.
+"""R^3M (alignment/algos.py): its gradient, and what the paper claims at small scale.
 
 Synthetic check in the paper's robotics setting: a known linear reward labels random pairs, then the
 "irrational" corruption flips, in every minibatch of 64, the floor(64^(1/2)) = 8 most confidently
@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewards.pairwise import PAIRWISE_LOSSES, r3m_delta, r3m_threshold
+from alignment.algos import PREFERENCE_LOSSES, r3m_delta, r3m_threshold
 
 
 @pytest.mark.parametrize("lam", [0.3, 0.75, 0.9])
 def test_r3m_gradient_is_bt_with_weights_clipped_at_lambda(lam):
     margins = torch.linspace(-6, 6, 41, dtype=torch.float64, requires_grad=True)
-    loss, delta = PAIRWISE_LOSSES["r3m"](margins, lam=lam)
+    loss, delta = PREFERENCE_LOSSES.get("r3m")(margins, lam=lam)
     (grad,) = torch.autograd.grad(loss, margins)
     weight = torch.minimum(torch.sigmoid(-margins.detach()), torch.tensor(lam, dtype=torch.float64))
     assert torch.allclose(grad, -weight / len(margins), atol=1e-12)
@@ -30,7 +30,7 @@ def test_r3m_gradient_is_bt_with_weights_clipped_at_lambda(lam):
     assert torch.equal(delta > 0, margins.detach() < tau)
     assert torch.allclose(delta, (tau - margins.detach()).clamp_min(0))
     # Away from the flagged region R^3M is BT exactly.
-    bt_loss, _ = PAIRWISE_LOSSES["bt"](margins)
+    bt_loss, _ = PREFERENCE_LOSSES.get("bt")(margins)
     (bt_grad,) = torch.autograd.grad(bt_loss, margins)
     keep = margins.detach() >= tau
     assert torch.allclose(grad[keep], bt_grad[keep])
@@ -44,7 +44,7 @@ def test_r3m_dpo_form_adds_delta_after_the_beta_scaling():
     logratio_w = torch.randn(32, dtype=torch.float64, requires_grad=True)
     logratio_l = torch.randn(32, dtype=torch.float64) * 30  # some pairs confidently "wrong"
     margins = beta * (logratio_w - logratio_l)
-    loss, delta = PAIRWISE_LOSSES["r3m"](margins, lam=lam)
+    loss, delta = PREFERENCE_LOSSES.get("r3m")(margins, lam=lam)
     (grad,) = torch.autograd.grad(loss, logratio_w)
     weight = torch.minimum(torch.sigmoid(-margins.detach()), torch.tensor(lam, dtype=torch.float64))
     assert torch.allclose(grad, -beta * weight / 32, atol=1e-12)
@@ -91,7 +91,7 @@ def _fit(loss_name, chosen, rejected, seed, epochs=20):
     for _ in range(epochs):
         for b in torch.randperm(len(chosen) // BATCH).tolist():
             sl = slice(b * BATCH, (b + 1) * BATCH)
-            loss, _ = PAIRWISE_LOSSES[loss_name]((model(chosen[sl]) - model(rejected[sl])).squeeze(-1), **params)
+            loss, _ = PREFERENCE_LOSSES.get(loss_name)((model(chosen[sl]) - model(rejected[sl])).squeeze(-1), **params)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -144,7 +144,9 @@ def test_r3m_reward_model_flags_flipped_hhh_labels(tmp_path):
     import json
     import random
 
-    from tests.conftest import REPO, run_align
+    from tests.support import REPO
+
+    from tests.support.recipes import run_align
 
     rows = json.loads((REPO / "data/hhh/hhh_pairs.json").read_text())
     flipped = set(random.Random(0).sample(range(len(rows)), len(rows) // 5))
@@ -199,8 +201,8 @@ def dpo_on_corrupted_words(folder: Path, model: Path, loss: str, seed: int) -> d
 
     import yaml
 
-    from alignment.cli import build_config
-    from tests.preference_task import WordValueTask
+    from align.cli import build_config
+    from tests.support.preference_task import WordValueTask
 
     task = WordValueTask(seed=seed)
     rows, flipped = _word_pairs(task, 512, seed + 1, flip_every=8)
@@ -226,7 +228,7 @@ def dpo_on_corrupted_words(folder: Path, model: Path, loss: str, seed: int) -> d
 
 @pytest.mark.slow
 def test_r3m_dpo_beats_dpo_on_corrupted_preferences(tmp_path):
-    from tests.conftest import tiny_llama
+    from tests.support.tiny_models import tiny_llama
 
     model = tiny_llama(tmp_path / "tiny")
     runs = [(dpo_on_corrupted_words(tmp_path / f"dpo{seed}", model, "sigmoid", seed),

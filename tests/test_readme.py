@@ -7,7 +7,7 @@ data/, as a reader would run them: later commands use earlier outputs (the Think
 SFT stage's model, routed RL and `serve-rm --routing` the preference model, `serve-rm` the reward model). The only change is overrides
 appended to each `align train` that shrink it (`shrink` below): a tiny model instead of SmolLM2-135M,
 one step (two for a resume), few samples, short generations. The judge the routing config names
-(127.0.0.1:8001) is the rule judge of tests/judge_server.py; `serve-rm` lines are started, queried and
+(127.0.0.1:8001) is the rule judge of tests/support/judge_server.py; `serve-rm` lines are started, queried and
 stopped with SIGINT.
 """
 
@@ -28,8 +28,9 @@ import pytest
 import yaml
 
 from alignment.config import merge, parse_overrides
-from tests.conftest import REPO, tiny_llama
-from tests.judge_server import start_judge_server
+from tests.support import REPO
+from tests.support.tiny_models import tiny_llama
+from tests.support.judge_server import start_judge_server
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def shrink(values: dict, resumed: bool, tiny: Path) -> list[str]:
             extra[f"{section}.max_length"] = 64
     if values["trainer"] == "sr_ppo":
         extra.update({"sft.data.size": 8, "sft.epochs": 1})
-    if values["trainer"] == "think_rm" and values["think_rm"]["stage"] == "sft":
+    if values["trainer"] == "think_rm_sft":
         # The next commands judge with this model, and pairwise RLHF stops when no verdict of a step
         # parses: enough steps for a tiny model from scratch to learn the answer format.
         extra.update({"train.max_steps": 40, "train.lr": 3e-3})
@@ -201,6 +202,6 @@ def test_readme_command_runs_as_written(command, sandbox):
     if resumed:
         assert "resumed from" in output and steps[-1] == 2, (steps, output[-2000:])
     launches = {"accelerate": "--num_processes", "torchrun": "--nproc_per_node", "deepspeed": "--num_accelerators"}
-    if words[0] in launches:  # a real world size, not one process per rank (see environment.md)
+    if words[0] in launches:  # a real world size, not one process per rank
         world = words[words.index(launches[words[0]]) + 1]
         assert f"rank 0/{world}" in output, output[-3000:]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignment.models import merged_state_dict, pack, token_logprobs
+from alignment.adapters import merged_state_dict
+from alignment.logprobs import pack, token_logprobs
 from alignment.rollout import Canary, SamplingParams, WeightSyncError
 from alignment.rollout.hf import HFEngine
 

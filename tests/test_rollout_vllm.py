@@ -16,11 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.config import VLLMConfig
 from alignment.logging import read_metrics
-from alignment.models import merged_state_dict, pack, token_logprobs
+from alignment.adapters import merged_state_dict
+from alignment.logprobs import pack, token_logprobs
 from alignment.rollout import Canary, SamplingParams, WeightSyncError
 from alignment.rollout.hf import HFEngine
-from tests.conftest import run_align
-from tests.helpers import toy_recipe
+from tests.support.recipes import run_align
+from tests.support.recipes import toy_recipe
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_pmd_steps_end_to_end_on_vllm(one_process_run):
 
 def test_ppo_steps_end_to_end_on_vllm(tmp_path, tiny_model):
     """PPO (critic, reference, several epochs) on the same engine path: every update reaches vLLM."""
-    recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"epochs": 2, "critic_lr": 1e-3},
+    recipe = toy_recipe(tmp_path, tiny_model, trainer="ppo", ppo={"passes": 2, "critic_lr": 1e-3},
                         rollout={"backend": "vllm", "n": 4, "max_new_tokens": 8, "vllm": {"max_model_len": 512}})
     proc = run_align("train", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Uncertainty-routed judges: the SNGP preference model, the router, routed RL and /v1/compare.
 
 The faithful check trains a preference model (our trainer, a tiny Llama whose top layer is trained) on
-an in-distribution slice of a task with a known truth (tests/preference_task.py) and shows what the
+an in-distribution slice of a task with a known truth (tests/support/preference_task.py) and shows what the
 paper claims at small scale: accuracy falls as the SNGP uncertainty rises, and with a judge that is
 right 90 % of the time, routing the most uncertain pairs beats routing the same number of random
 pairs at several budgets.
@@ -24,18 +24,17 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from alignment.cli import build_config
+from align.cli import build_config
 from alignment.config import BaseConfig, JudgeConfig, RouterConfig, load_config
-from alignment.online import ADVANTAGES
+from alignment.algos import REWARD_ADVANTAGES, mean_preference
 from rewards.judges import OpenAIJudge
 from rewards.preference_model import PreferenceScorer
-from rewards.routing import JUDGED_SCORE, PairRouter, pairwise_advantage, route
+from rewards.routing import JUDGED_SCORE, PairRouter, route
 from rewards.server import create_app
-from tests.conftest import REPO, tiny_llama
-from tests.judge_server import start_judge_server
-from tests.preference_task import WordValueTask, accuracy_by_decile, routed_accuracy, simulated_judge
-import trainers.pmd  # noqa: F401,E402 - registers the `rloo` advantage
-import trainers.routed_rl  # noqa: F401,E402 - registers the `pairwise` advantage
+from tests.support import REPO
+from tests.support.tiny_models import tiny_llama
+from tests.support.judge_server import start_judge_server
+from tests.support.preference_task import WordValueTask, accuracy_by_decile, routed_accuracy, simulated_judge
 
 
 # The faithful check's recipe: only the top transformer layer and the head are trained, so inputs the
@@ -202,10 +201,10 @@ def test_judge_override_is_antisymmetric_and_failures_keep_the_model_score():
 def test_pairwise_advantage_is_rloo_for_reward_differences():
     rewards = torch.randn(5, 6, dtype=torch.float64)
     differences = rewards[:, :, None] - rewards[:, None, :]
-    torch.testing.assert_close(pairwise_advantage(differences), ADVANTAGES["rloo"](rewards))
+    torch.testing.assert_close(mean_preference(differences), REWARD_ADVANTAGES.get("rloo")(rewards))
     router = PairRouter(FixedScorer({str(i): float(r) for i, r in enumerate(rewards[0])}), None, RouterConfig("never"))
     (s,), _ = router.group_scores(["p"], [[str(i) for i in range(6)]])
-    torch.testing.assert_close(ADVANTAGES["pairwise"](s.double()), ADVANTAGES["rloo"](rewards[0]))
+    torch.testing.assert_close(mean_preference(s.double()), REWARD_ADVANTAGES.get("rloo")(rewards[0]))
 
 
 def test_verifier_failures_lose_to_passing_responses():
@@ -340,7 +339,7 @@ def test_routed_rl_moves_the_policy_along_the_routed_advantages(word_pm, tiny_mo
         for step in range(cfg.train.max_steps):
             steps.append(trainer.step(step))
             batch = batches[-1]
-            advantages.append(batch.rewards)  # routed RL scores each sample with its routed advantage
+            advantages.append(batch.advantages)  # each sample's routed pairwise advantage
             # how far the update moved each response's log-probability
             moved.append(((trainer.policy_logprobs(batch) - batch.old_logp) * batch.mask).sum(-1))
         judge_requests = server.requests

@@ -23,8 +23,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from rewards.server import create_app
-from tests.conftest import REPO
-from tests.test_serve_rm import KEY, SERVER_ENV, FlakyScorer, Server, free_port, post, running
+from tests.support import REPO
+from tests.support.serve_rm import KEY, SERVER_ENV, FlakyScorer, Server, free_port, post, running
 
 MAX_ITEMS = 256
 BODY_TIMEOUT_S = 1.5

@@ -1,4 +1,4 @@
-"""Think-RM end to end on the word-worth judging task (tests/verdict_task.py) with a tiny Llama as the
+"""Think-RM end to end on the word-worth judging task (tests/support/verdict_task.py) with a tiny Llama as the
 generative RM: SFT warm-up on the teacher's reasoning lifts held-out verdict accuracy above chance,
 rule-based RL (GRPO on the verdict reward) lifts it further; the trained model then serves as the
 judge of routed RL and of pairwise RLHF through config alone."""
@@ -11,10 +11,11 @@ import logging
 import pytest
 import yaml
 
-from alignment.cli import build_config
+from align.cli import build_config
 from rewards.generative import GenRMFormat
-from tests.conftest import run_align, tiny_llama
-from tests.verdict_task import CRITERIA, PROMPT, write_splits
+from tests.support.recipes import run_align
+from tests.support.tiny_models import tiny_llama
+from tests.support.verdict_task import CRITERIA, PROMPT, write_splits
 
 pytestmark = pytest.mark.slow
 

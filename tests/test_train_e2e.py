@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from alignment.logging import read_metrics
-from tests.conftest import REPO, run_align
-from tests.helpers import toy_recipe
+from tests.support import REPO
+from tests.support.recipes import run_align
+from tests.support.recipes import toy_recipe
 
 SHARED_METRICS = {
     "loss", "lr", "grad_norm", "perf/tokens_per_s", "time/rollout_s", "time/train_s", "time/sync_s",
@@ -33,7 +34,8 @@ def test_train_writes_the_output_contract(tmp_path, tiny_model):
 
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["output_dir"] == str(out) and config["train"]["max_steps"] == 3 and config["rollout"]["n"] == 3
-    assert config["pmd"] == {"tau": 0.1, "baseline": "mean"}  # defaults are resolved into the file
+    assert config["algo"] == {"advantage": "rloo", "policy_loss": "pmd", "clip": 0.2, "tau": 0.1, "kl_coef": 0.0,
+                              "kl_estimator": "k3"}  # defaults are resolved into the file
 
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if r["step"] > 0]
@@ -98,7 +100,7 @@ def test_lora_run_resumes_and_saves_a_merged_model(tmp_path, tiny_model):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from alignment.cli import main
+    from align.cli import main
 
     recipe = toy_recipe(tmp_path, tiny_model, peft={"type": "lora", "r": 4, "alpha": 8})
     out = tmp_path / "lora"

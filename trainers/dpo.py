@@ -20,7 +20,9 @@ from typing import Literal
 
 from alignment.config import BaseConfig, bounded
 from alignment.data import encode_conversations
-from alignment.models import PolicyModel, apply_peft, frozen_copy, load_causal_lm, pack, reference_logprobs
+from alignment.adapters import apply_peft
+from alignment.logprobs import PolicyModel, pack, reference_logprobs
+from alignment.models import load_causal_lm, reference_model
 from alignment.offline import PairwiseTrainer
 
 
@@ -44,7 +46,7 @@ class DPOTrainer(PairwiseTrainer):
 
     def build_model(self):
         lm = load_causal_lm(self.cfg.model)
-        self.reference = frozen_copy(lm) if self.cfg.peft.type == "none" else None
+        self.reference = reference_model(lm, self.cfg.peft)
         lm = apply_peft(lm, self.cfg.peft, self.total_updates)
         self.module = PolicyModel(lm, self.cfg.train.bf16)
         return lm

@@ -11,10 +11,10 @@ of the judge's output, `pairwise.length_weight`; unparsable 0), d_ji = -d_ij ->
 
     A_i = (1/G) sum_j d_ij / sqrt( sum_{k,l} d_kl^2 / (2 G (G - 1)) + 1e-6 )
 
-(registered as `grpo_difference`; with d_ij = r_i - r_j it is GRPO's (r_i - mean) / std) -> the
-GRPO update (clipped loss, low_var_kl KL loss; trainers/grpo.py). With `reward.judge.position_swap`
-every pair is also judged as (y_j, y_i) and d_ij = (d(i, j) - d(j, i)) / 2, which cancels a judge's
-position bias at twice the judge cost (the reference asks once).
+(`algo.advantage: pairwise_grpo`, alignment/algos.py; with d_ij = r_i - r_j it is GRPO's
+(r_i - mean) / std) -> the GRPO update (`algo.policy_loss: ppo`, KL loss at `algo.kl_coef`). With
+`reward.judge.position_swap` every pair is also judged as (y_j, y_i) and d_ij = (d(i, j) - d(j, i)) / 2,
+which cancels a judge's position bias at twice the judge cost (the reference asks once).
 
 A judge call that fails after its retries, or whose output has no verdict, gives d = 0 for that pair
 (the reference's rule for unparsable output) and is counted in `genrm/parse_fail_frac`; a step where
@@ -29,21 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignment.config import ConfigError
-from alignment.online import ADVANTAGES, RolloutBatch, register_advantage
-from rewards import build_reward
+from alignment.algos import PREFERENCE_ADVANTAGES, PolicyObjective
+from alignment.config import AlgoConfig, BaseConfig, ConfigError
+from alignment.data import in_both_orders, load_prompts
+from alignment.models import load_causal_lm, load_tokenizer, reference_model
+from alignment.online import OnlineTrainer, RolloutBatch, StepTimer, TextReward, require_groups
+from rewards import answers_needed, build_reward
 from rewards.generative import GenRMFormat, pair_strength
 from rewards.judges import Judgement, build_judge
-from trainers.grpo import GRPOConfig, GRPOTrainer
-
-
-@register_advantage("grpo_difference")
-def pairwise_group_advantage(strengths: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = mean_j d_ij / RMS(d) per group; `strengths` (prompts, G, G) skew-symmetric -> (prompts, G).
-    RMS over the G (G - 1) off-diagonal entries of each group, with the reference's 1/2 factor."""
-    g = strengths.shape[-1]
-    scale = torch.sqrt((strengths**2).sum((-2, -1)) / (2 * g * (g - 1)) + eps)
-    return strengths.sum(-1) / g / scale.unsqueeze(-1)
+from rewards.verifiable import accuracy_checks
 
 
 @dataclass
@@ -52,35 +46,50 @@ class PairwiseOptions:
 
 
 @dataclass
-class PairwiseRLHFConfig(GRPOConfig):
+class PairwiseRLHFConfig(BaseConfig):
     trainer: str = "pairwise_rlhf"
     pairwise: PairwiseOptions = field(default_factory=PairwiseOptions)
+    algo: AlgoConfig = field(default_factory=lambda: AlgoConfig(advantage="pairwise_grpo", policy_loss="ppo",
+                                                                kl_coef=1e-3))
 
 
-class PairwiseRLHFTrainer(GRPOTrainer):
+class PairwiseRLHFTrainer(OnlineTrainer):
     config_class = PairwiseRLHFConfig
-    advantage = "grpo_difference"
 
-    def check_config(self) -> None:
-        super().check_config()
-        if self.cfg.reward.judge is None:
+    def __init__(self, cfg: PairwiseRLHFConfig):
+        super().__init__(cfg)
+        require_groups(cfg, "pairwise comparisons")
+        if cfg.reward.judge is None:
             raise ConfigError("reward.judge: required with trainer: pairwise_rlhf (the generative RM that compares "
                               "responses, e.g. type: generative_rm with model: runs/think_rm_rl/final)")
+        self.advantage = PREFERENCE_ADVANTAGES.get(cfg.algo.advantage, cfg.algo, "algo.advantage")
+        self.objective = PolicyObjective.from_config(cfg.algo)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
+        self.judge = build_judge(cfg.reward.judge)
+        if cfg.reward.type != "none":  # monitoring only
+            if answers_needed(cfg.reward) and any(e.answer is None and e.entry is None for e in self.train_set):
+                raise ConfigError("reward.type=verifiable (the default) monitors answers these prompts do not have: "
+                                  "set reward.type=none, or a python / remote reward to watch")
+            self.reward = TextReward(build_reward(cfg.reward))
+        self.eval_checks = accuracy_checks(self.eval_set)
+        lm = load_causal_lm(cfg.model)
+        self.reference = reference_model(lm, cfg.peft) if cfg.algo.kl_coef > 0 else None
+        self.setup_policy(lm)
 
-    def build_reward(self):
-        """The judge, and the monitoring reward (None with reward.type=none)."""
-        self.judge = build_judge(self.cfg.reward.judge)
-        if self.cfg.reward.type == "none":
-            return None
-        if self.cfg.reward.type == "verifiable" and any(e.answer is None and e.entry is None for e in self.train_set):
-            raise ConfigError("reward.type=verifiable (the default) monitors answers these prompts do not have: "
-                              "set reward.type=none, or a python / remote reward to watch")
-        return build_reward(self.cfg.reward)
-
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        if self.reward_fn is None:
-            return torch.zeros(len(batch.texts), device=self.backend.device)
-        return super().score(batch)
+    def step(self, step: int) -> dict[str, float]:
+        timer = StepTimer()
+        batch = self.rollout(step)
+        if self.reward is not None:
+            batch.rewards = self.reward(batch)  # monitoring only
+        batch.advantages = self.advantage(self.judged_preferences(batch)).reshape(-1)
+        ref_logp = self.reference_logprobs(batch) if self.cfg.algo.kl_coef > 0 else None
+        timer.lap("rollout")
+        stats = self.train_policy(batch, self.objective, ref_logp=ref_logp)
+        timer.lap("train")
+        stats["sync/logprob_err"] = self.sync_weights()
+        timer.lap("sync")
+        return self.step_metrics(batch, stats, timer)
 
     def strength(self, judgement: Judgement) -> float:
         if judgement.verdict is None:
@@ -89,19 +98,21 @@ class PairwiseRLHFTrainer(GRPOTrainer):
             return pair_strength(self.judge.fmt, judgement.text, self.cfg.pairwise.length_weight)
         return judgement.verdict  # a label judge: +1 / -1, 0 for a tie
 
-    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+    def judged_preferences(self, batch: RolloutBatch) -> torch.Tensor:
+        """(prompts, G, G) skew-symmetric strengths d_ij, every unordered pair of a group judged once
+        (both orders with position_swap)."""
         g = self.cfg.rollout.n
         groups = len(batch.texts) // g
         pairs = [(k, i, j) for k in range(groups) for i in range(g) for j in range(i + 1, g)]
         prompts = [batch.samples[k * g].prompt for k, _, _ in pairs]
         first = [batch.texts[k * g + i] for k, i, _ in pairs]
         second = [batch.texts[k * g + j] for k, _, j in pairs]
-        calls = self.judge.judge(prompts, first, second)
-        d = [self.strength(c) for c in calls]
         if self.cfg.reward.judge.position_swap:
-            swapped = self.judge.judge(prompts, second, first)
-            d = [(ab - self.strength(ba)) / 2 for ab, ba in zip(d, swapped)]
-            calls += swapped
+            calls = self.judge.judge(*in_both_orders(prompts, first, second))
+            d = [(self.strength(ab) - self.strength(ba)) / 2 for ab, ba in zip(calls[:len(pairs)], calls[len(pairs):])]
+        else:
+            calls = self.judge.judge(prompts, first, second)
+            d = [self.strength(c) for c in calls]
         failed = sum(c.verdict is None for c in calls)
         if calls and failed == len(calls):
             raise RuntimeError(f"every one of the {len(calls)} judge calls of this step gave no verdict "
@@ -111,4 +122,4 @@ class PairwiseRLHFTrainer(GRPOTrainer):
         strengths = torch.zeros(groups, g, g)
         for (k, i, j), value in zip(pairs, d):
             strengths[k, i, j], strengths[k, j, i] = value, -value
-        return ADVANTAGES[self.advantage](strengths).reshape(-1).to(self.backend.device)
+        return strengths

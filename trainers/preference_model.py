@@ -35,7 +35,9 @@ import torch
 import torch.distributed as dist
 
 from alignment.config import BaseConfig, ConfigError, bounded
-from alignment.models import apply_peft, resolve_path
+from alignment.data import in_both_orders
+from alignment.adapters import apply_peft
+from alignment.models import resolve_path
 from alignment.offline import PairwiseTrainer
 from rewards.preference_model import HEAD_FILE, HeadOptions, PreferenceModel, encode_comparison
 
@@ -114,7 +116,7 @@ class PreferenceModelTrainer(PairwiseTrainer):
         prompts = [p.prompt for p in pairs]
         chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
         if both_orders:
-            prompts, chosen, rejected = prompts * 2, chosen + rejected, rejected + chosen
+            prompts, chosen, rejected = in_both_orders(prompts, chosen, rejected)
         encoded = encode_comparison(self.tokenizer, prompts, chosen, rejected, self.cfg.pm.max_length)
         return {k: v.to(self.backend.device) for k, v in encoded.items()}
 

@@ -4,7 +4,7 @@
 
 Margin m = r(x, chosen) - r(x, rejected) (minus `rm.margin_scale * strength` when rows carry a
 strength, TRL's margin convention). `rm.loss: bt` is Bradley-Terry, -log sigmoid(m); `r3m` adds the
-closed-form per-pair outlier variable (rewards/pairwise.py), logs `r3m/outlier_frac` and writes
+closed-form per-pair outlier variable (alignment/algos.py), logs `r3m/outlier_frac` and writes
 outliers.jsonl. Any backbone: an encoder (builtin:all-minilm-l6-v2) or a causal LM with a score
 head; chosen and rejected go through one forward. `final/` loads with
 AutoModelForSequenceClassification and is what `align serve-rm` serves.
@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 
 from alignment.config import BaseConfig, bounded
-from alignment.models import apply_peft, load_reward_model
+from alignment.adapters import apply_peft
+from alignment.models import load_reward_model
 from alignment.offline import PairwiseTrainer
 from rewards.reward_model import MAX_LENGTH_KEY, RewardForward, encode_for_reward
 

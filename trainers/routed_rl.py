@@ -1,21 +1,22 @@
 """Routed RL (`trainer: routed_rl`): online RL whose advantages are pairwise preferences, with
 uncertain pairs decided by a strong LLM judge (Xu et al., NeurIPS 2025).
 
-    align train configs/routed_rl_chain_sum.yaml reward.router.policy=budget reward.router.budget=0.2
+    align train configs/routed_rl_hhh.yaml reward.router.policy=budget reward.router.budget=0.2
 
 One step: n responses per prompt -> every pair within a prompt's group scored by the SNGP preference
 model in both orders (S_ij = -S_ji, uncertainty U_ij) -> the router sends uncertain pairs to the judge,
 whose verdict replaces S_ij (+-2, or 0 for a tie; a failed call keeps the model's score and is
-counted) -> A_i = scale * sum_{j != i} S_ij / (n - 1), the RLOO advantage with reward differences
-replaced by preference logits -> the shared policy update with the registered `ppo` clipped loss
-(with one mini-batch the ratio is 1 at the update: plain REINFORCE with the pairwise baseline).
+counted) -> A_i = scale * sum_{j != i} S_ij / (n - 1) (`algo.advantage: pairwise_rloo`, the RLOO
+advantage with reward differences replaced by preference logits; `pairwise_grpo` also fits) -> the
+policy update with `algo.policy_loss` (`ppo`, the clipped surrogate at `algo.clip`: with one
+mini-batch the ratio is 1 at the update, plain REINFORCE with the pairwise baseline).
 
 Options (`routed:`): `scale` (c, default 1), `max_advantage` (the reference OpenRLHF fork clamps at
-+-10), `clip`, and `verifier`: with prompts that have checkable answers, responses that fail the
++-10), and `verifier`: with prompts that have checkable answers, responses that fail the
 rule-based check are not compared; they lose to every passing response by the judged score (the
-reference's IFEval mode). The judge-routing block is `reward:` (DESIGN.md), e.g.
-configs/judge_routing.yaml. There is no pointwise reward here: `reward/mean` is the mean advantage
-(0 by antisymmetry), and held-out evaluation reports accuracy only.
+reference's IFEval mode). The judge-routing block is `reward:`, e.g. configs/judge_routing.yaml.
+There is no pointwise reward here: no `reward/mean` is logged, and held-out evaluation reports
+accuracy only (where the prompts have checkable answers).
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-import trainers.ppo  # noqa: F401 - registers the `ppo` policy loss
-from alignment.config import BaseConfig, ConfigError, bounded
-from alignment.online import ADVANTAGES, OnlineTrainer, RolloutBatch, register_advantage
-from rewards.routing import PairRouter, pairwise_advantage
-from rewards.verifiable import is_correct
-
-register_advantage("pairwise")(pairwise_advantage)
+from alignment.algos import PREFERENCE_ADVANTAGES, PolicyObjective
+from alignment.config import AlgoConfig, BaseConfig, ConfigError, bounded
+from alignment.data import load_prompts
+from alignment.models import load_causal_lm, load_tokenizer
+from alignment.online import OnlineTrainer, RolloutBatch, StepTimer, require_groups
+from rewards.routing import PairRouter
+from rewards.verifiable import accuracy_checks, is_correct
 
 
 @dataclass
 class RoutedOptions:
     scale: float = bounded(1.0, gt=0)  # c in A_i = c * mean_j S_ij
     max_advantage: float = bounded(10.0, gt=0)  # advantages clamped to +-this
-    clip: float = bounded(0.2, gt=0, lt=1)  # policy-ratio clip (matters with train.mini_batches > 1)
     verifier: bool = False  # exclude responses that fail the prompts' rule-based check from pairing
 
 
@@ -46,59 +46,52 @@ class RoutedOptions:
 class RoutedRLConfig(BaseConfig):
     trainer: str = "routed_rl"
     routed: RoutedOptions = field(default_factory=RoutedOptions)
+    algo: AlgoConfig = field(default_factory=lambda: AlgoConfig(advantage="pairwise_rloo", policy_loss="ppo"))
 
 
 class RoutedRLTrainer(OnlineTrainer):
     config_class = RoutedRLConfig
-    advantage = "pairwise"
-    policy_loss = "ppo"
-    current_step = 0
 
-    def check_config(self) -> None:
-        super().check_config()
-        if self.cfg.reward.type != "routed":
+    def __init__(self, cfg: RoutedRLConfig):
+        super().__init__(cfg)
+        if cfg.reward.type != "routed":
             raise ConfigError(f"trainer: routed_rl needs reward.type=routed (a preference model, a judge and a router; "
-                              f"see configs/judge_routing.yaml), got reward.type={self.cfg.reward.type}")
-        if self.cfg.rollout.n < 2:
-            raise ConfigError("rollout.n: pairwise advantages need at least 2 samples per prompt")
+                              f"see configs/judge_routing.yaml), got reward.type={cfg.reward.type}")
+        require_groups(cfg, "pairwise advantages")
+        if cfg.algo.kl_coef:
+            raise ConfigError("algo.kl_coef: routed RL has no KL loss (no reference model is loaded); set it to 0")
+        self.advantage = PREFERENCE_ADVANTAGES.get(cfg.algo.advantage, cfg.algo, "algo.advantage")
+        self.objective = PolicyObjective.from_config(cfg.algo)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed)
+        self.router = PairRouter.from_config(cfg.reward, cfg.seed)
+        self.eval_checks = accuracy_checks(self.eval_set)
+        self.setup_policy(load_causal_lm(cfg.model))
 
-    def build_reward(self) -> PairRouter:
-        return PairRouter.from_config(self.cfg.reward, self.cfg.seed)
+    def step(self, step: int) -> dict[str, float]:
+        timer = StepTimer()
+        batch = self.rollout(step)
+        preferences = self.routed_preferences(batch, step)  # (prompts, n, n), judge verdicts on uncertain pairs
+        limit = self.cfg.routed.max_advantage
+        batch.advantages = (self.cfg.routed.scale * self.advantage(preferences)).reshape(-1).clamp(-limit, limit)
+        timer.lap("rollout")
+        stats = self.train_policy(batch, self.objective)
+        timer.lap("train")
+        stats["sync/logprob_err"] = self.sync_weights()
+        timer.lap("sync")
+        return self.step_metrics(batch, stats, timer)
 
-    def loss_params(self) -> dict:
-        return {"clip": self.cfg.routed.clip}
-
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Each sample's advantage, from its group's routed pair scores (the registered estimator)."""
+    def routed_preferences(self, batch: RolloutBatch, step: int) -> torch.Tensor:
+        """Each prompt's antisymmetric n x n pair scores: the preference model's, the judge's where routed."""
         t_start = time.perf_counter()
-        index = batch.rollouts.prompt_index
-        starts = [i for i in range(len(index)) if i == 0 or index[i] != index[i - 1]]
-        bounds = list(zip(starts, starts[1:] + [len(index)]))
-        groups = [batch.texts[a:b] for a, b in bounds]
+        n = self.cfg.rollout.n
+        bounds = [(a, a + n) for a in range(0, len(batch.texts), n)]
         passed = None
         if self.cfg.routed.verifier:
             passed = [[is_correct(batch.samples[i], batch.texts[i]) for i in range(a, b)] for a, b in bounds]
-        scores, stats = self.reward_fn.group_scores([batch.samples[a].prompt for a, _ in bounds], groups, passed,
-                                                    self.current_step, global_batch=True)
+        scores, stats = self.router.group_scores([batch.samples[a].prompt for a, _ in bounds],
+                                                 [batch.texts[a:b] for a, b in bounds], passed, step, global_batch=True)
         stats["router/judge_failures"] *= self.world  # metrics are averaged over ranks: report the step's total
         stats["time/reward_s"] = time.perf_counter() - t_start  # preference model + router + judge (within rollout_s)
         batch.stats.update(stats)
-        estimator = ADVANTAGES[self.advantage]
-        advantages = torch.cat([estimator(s, self.cfg.routed.scale) if len(s) > 1 else torch.zeros(len(s))
-                                for s in scores]) if scores else torch.zeros(0)
-        limit = self.cfg.routed.max_advantage
-        return advantages.clamp(-limit, limit).to(self.backend.device)
-
-    def step(self, step: int) -> dict[str, float]:
-        self.current_step = step
-        t_start = time.perf_counter()
-        batch = self.rollout(step)
-        # score() computed A_i with the registered estimator on each group's pair scores
-        advantages = batch.rewards.reshape(-1, 1)  # one value per sample, broadcast over its tokens
-        return self.policy_update(batch, advantages, t_start, time.perf_counter() - t_start)
-
-    def evaluate(self) -> dict[str, float]:
-        metrics = super().evaluate()
-        metrics.pop("eval/reward", None)  # single greedy responses have no pairs to compare
-        return metrics
-
+        return torch.stack(scores) if scores else torch.zeros(0, n, n)

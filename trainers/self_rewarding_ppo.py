@@ -1,6 +1,6 @@
 """Self-Rewarding PPO (`trainer: sr_ppo`): alignment from demonstrations only.
 
-Zhang, Qiu, Hong, et al., COLM 2025 (arXiv 2510.21090); methods.md section 3. The whole pipeline is
+Zhang, Qiu, Hong, et al., COLM 2025 (arXiv 2510.21090). The whole pipeline is
 one recipe (configs/sr_ppo_smollm2.yaml):
 
     stage 1  SFT of the base model (`model.path`) on demonstrations (`sft.data`), into
@@ -9,8 +9,8 @@ one recipe (configs/sr_ppo_smollm2.yaml):
              "coherent" reward of two frozen models, summed over the response tokens and placed at
              the last token:  r(x, y) = log pi_SFT(y|x) - log pi_base(y|x)
 
-No preference labels and no reward model. Choices where the paper's text was not available
-(methods.md 3g), with our defaults:
+No preference labels and no reward model. Choices where the paper's text was not available, with
+our defaults:
 
 - `sr_ppo.length_norm: false`: the paper's sequence sum. A positive mean per-token ratio makes
   the sum grow with length; `srppo/log_ratio_per_token` and `response_length/mean` are logged so
@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from alignment.config import DataConfig
-from alignment.models import frozen, load_causal_lm, reference_logprobs
+from alignment.logprobs import reference_logprobs
+from alignment.models import frozen, load_causal_lm
 from alignment.online import RolloutBatch
 from trainers.ppo import PPOConfig, PPOTrainer
 from trainers.sft import SFTConfig, SFTOptions, SFTTrainer
@@ -88,27 +89,34 @@ def train_sft_stage(cfg: SRPPOConfig) -> str:
     return str(out / "final")
 
 
-class SelfRewardingPPOTrainer(PPOTrainer):
-    config_class = SRPPOConfig
-    has_base_model = True
-    resume_fixed_keys = PPOTrainer.resume_fixed_keys + ("sr_ppo.sft_model",)
+class SelfReward:
+    """r(x, y) = log pi_SFT(y|x) - log pi_base(y|x), summed over the response tokens (or averaged with
+    `length_norm`); the per-token log-probs are kept in the batch for the KL penalty, whichever its
+    reference. pi_SFT is PPO's reference (a frozen copy, or the LoRA policy with adapters off)."""
 
-    def __init__(self, cfg: SRPPOConfig):
-        self.sft_path = cfg.sr_ppo.sft_model or train_sft_stage(cfg)
-        super().__init__(cfg)  # policy, its reference (pi_SFT) and the critic start from pi_SFT
-        self.base = frozen(load_causal_lm(cfg.model))
+    def __init__(self, trainer: PPOTrainer, base, length_norm: bool):
+        self.trainer, self.base, self.length_norm = trainer, base, length_norm
 
-    def policy_path(self) -> str:
-        return self.sft_path
-
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Sequence log pi_SFT - log pi_base of each response (two frozen models); the per-token
-        log-probs are kept for the KL penalty, whichever its reference."""
-        bf16, r_len = self.cfg.train.bf16, batch.mask.shape[1]
-        sft = reference_logprobs(self.reference, self.model, batch.inputs, r_len, bf16)
-        base = reference_logprobs(self.base, self.model, batch.inputs, r_len, bf16)
+    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+        t = self.trainer
+        sft = t.reference_logprobs(batch)
+        base = t.chunked(batch, lambda rows: reference_logprobs(self.base, t.model, batch.rows(rows),
+                                                                batch.mask.shape[1], t.cfg.train.bf16))
         batch.token_logprobs.update(sft=sft, base=base)
         log_ratio = ((sft - base) * batch.mask).sum(-1)
         length = batch.mask.sum(-1).clamp(min=1)
         batch.stats["srppo/log_ratio_per_token"] = float(log_ratio.sum() / length.sum())
-        return log_ratio / length if self.cfg.sr_ppo.length_norm else log_ratio
+        return log_ratio / length if self.length_norm else log_ratio
+
+
+class SelfRewardingPPOTrainer(PPOTrainer):
+    """PPO (its step, trainers/ppo.py) from pi_SFT, rewarded by SelfReward."""
+
+    config_class = SRPPOConfig
+    resume_fixed_keys = PPOTrainer.resume_fixed_keys + ("sr_ppo.sft_model",)
+
+    def __init__(self, cfg: SRPPOConfig):
+        sft_path = cfg.sr_ppo.sft_model or train_sft_stage(cfg)
+        # the policy, its KL reference (pi_SFT) and the critic start from pi_SFT
+        super().__init__(cfg, policy_path=sft_path, reward_from_config=False)
+        self.reward = SelfReward(self, frozen(load_causal_lm(cfg.model)), cfg.sr_ppo.length_norm)

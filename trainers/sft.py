@@ -1,6 +1,6 @@
 """Supervised fine-tuning (`trainer: sft`) on demonstrations.
 
-    align train configs/sft_hhh.yaml
+    align train configs/sr_ppo_smollm2.yaml    (its stage 1; SFT alone: trainer: sft with data.path)
 
 Rows are `{"prompt", "completion"}` or `{"messages": [...]}` (the last assistant message is the
 target). The loss is the mean negative log-likelihood of the completion tokens (the prompt is
@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 from alignment.config import BaseConfig
 from alignment.data import encode_conversations, load_demonstrations
-from alignment.models import PolicyModel, apply_peft, load_causal_lm, pack
+from alignment.adapters import apply_peft
+from alignment.logprobs import PolicyModel, pack
+from alignment.models import load_causal_lm
 from alignment.offline import OfflineTrainer
-from alignment.online import masked_mean
+from alignment.algos import masked_mean
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""Think-RM (`trainer: think_rm`): a generative reward model that reasons at length, then gives a
-pairwise verdict (Hong et al., NeurIPS 2025; format in rewards/generative.py). Two stages:
+"""Think-RM: a generative reward model that reasons at length, then gives a pairwise verdict (Hong et
+al., NeurIPS 2025; format in rewards/generative.py). Two stages, two trainers:
 
-    align train configs/think_rm_sft.yaml      # think_rm.stage: sft, on teacher reasoning
-    align train configs/think_rm_rl.yaml       # think_rm.stage: rl, from the SFT model, labels only
+    align train configs/think_rm_sft.yaml      # trainer: think_rm_sft, on teacher reasoning
+    align train configs/think_rm_rl.yaml       # trainer: think_rm_rl, from the SFT model, labels only
 
 1. **SFT warm-up** on long chain-of-thought judgements, rows `{"prompt", "response_a", "response_b",
-   "reasoning", "label"}` (`rewards.generative.build_sft_examples` makes them from preference pairs
+   "reasoning", "label"}` (`rewards.sft_examples.build_sft_examples` makes them from preference pairs
    and a teacher, keeping the longest correct trace per pair). The prompt is the judge prompt (with
    "<think>\\n" prefilled when `think_prefill`); the target is the reasoning, </think>, and the
    <answer>; plain NLL on the target (trainers/sft.py). A row longer than `sft.max_length` keeps its
@@ -13,8 +13,8 @@ pairwise verdict (Hong et al., NeurIPS 2025; format in rewards/generative.py). T
    place), so the verdict is always learned; a row whose prompt and verdict alone are too long is
    dropped with a warning. `data/truncated_frac` (logged each step) is the fraction of training rows
    cut or dropped.
-2. **Rule-based RL**: GRPO (trainers/grpo.py: group-normalised advantage, clipped loss, low_var_kl
-   KL loss) on the same judge prompts, rewarded by the verdict: binary 1 if right, else 0;
+2. **Rule-based RL**: GRPO (trainers/grpo.py, its step: group-normalised advantage, clipped loss,
+   k3 KL loss) on the same judge prompts, rewarded by the verdict: binary 1 if right, else 0;
    multiclass 1 exact, 0.5 right side, 0 otherwise (unparsable, i.e. no one valid answer outside the
    reasoning as rewards/generative.py reads it: 0, counted in `genrm/parse_fail_frac`). Rows need no
    reasoning.
@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from alignment.config import AlgoConfig, BaseConfig
 from alignment.data import DataError, Example
 from alignment.models import resolve_path
 from alignment.online import RolloutBatch
-from rewards.generative import GenRMFormat, encode_judge_prompt, load_comparisons, verdict_reward
-from trainers.grpo import GRPOConfig, GRPOTrainer
+from rewards.comparisons import load_comparisons
+from rewards.generative import GenRMFormat, encode_judge_prompt, verdict_reward
+from trainers.grpo import GRPOTrainer
 from trainers.sft import SFTOptions, SFTTrainer
 
 log = logging.getLogger("alignment")
@@ -47,7 +50,6 @@ log = logging.getLogger("alignment")
 
 @dataclass
 class ThinkRMOptions:
-    stage: Literal["sft", "rl"] = "sft"
     # None: as saved with model.path (genrm.json), else binary / prefilled / the default criteria
     verdict: Literal["binary", "multiclass"] | None = None
     think_prefill: bool | None = None
@@ -55,31 +57,38 @@ class ThinkRMOptions:
 
 
 @dataclass
-class ThinkRMConfig(GRPOConfig):
-    trainer: str = "think_rm"
+class ThinkRMSFTConfig(BaseConfig):
+    trainer: str = "think_rm_sft"
     think_rm: ThinkRMOptions = field(default_factory=ThinkRMOptions)
-    sft: SFTOptions = field(default_factory=SFTOptions)  # the SFT stage's max_length
+    sft: SFTOptions = field(default_factory=SFTOptions)
 
 
-def genrm_format(cfg: ThinkRMConfig) -> GenRMFormat:
+@dataclass
+class ThinkRMRLConfig(BaseConfig):
+    trainer: str = "think_rm_rl"
+    think_rm: ThinkRMOptions = field(default_factory=ThinkRMOptions)
+    algo: AlgoConfig = field(default_factory=lambda: AlgoConfig(advantage="grpo", policy_loss="ppo", kl_coef=1e-3))
+
+
+def genrm_format(cfg: ThinkRMSFTConfig | ThinkRMRLConfig) -> GenRMFormat:
     o = cfg.think_rm
     return GenRMFormat.of_model(resolve_path(cfg.model.path), verdict=o.verdict, think_prefill=o.think_prefill,
                                 criteria=o.criteria or None)
 
 
-class ThinkRMSFT(SFTTrainer):
+class ThinkRMSFTTrainer(SFTTrainer):
     """Stage 1: next-token NLL on the teacher's reasoning and verdict. Rows are encoded once, at load
     time: one longer than `sft.max_length` keeps its whole prompt and loses the middle of its
     reasoning (GenRMFormat.sft_ids), one whose prompt and verdict alone are too long is dropped."""
 
-    config_class = ThinkRMConfig
+    config_class = ThinkRMSFTConfig
 
-    def __init__(self, cfg: ThinkRMConfig):
-        self.fmt = genrm_format(cfg)
-        super().__init__(cfg)
+    @cached_property
+    def fmt(self) -> GenRMFormat:  # read by load_data, which the base __init__ calls
+        return genrm_format(self.cfg)
 
     def load_data(self):
-        train, held_out = load_comparisons(self.cfg.data, self.fmt, self.cfg.seed, reasoning=True)
+        train, held_out = load_comparisons(self.cfg.data, self.fmt.verdict, self.cfg.seed, reasoning=True)
         train, cut, dropped = self._fit(train, "training")
         held_out, *_ = self._fit(held_out, "held-out")
         if not train:
@@ -116,58 +125,38 @@ class ThinkRMSFT(SFTTrainer):
             self.fmt.save(out / "final")
 
 
-class ThinkRMRL(GRPOTrainer):
-    """Stage 2: GRPO on judge prompts with the rule-based verdict reward."""
+class VerdictReward:
+    """The rule-based reward of a sampled judgement against the gold strength (`Example.answer`):
+    binary 1 / 0, multiclass 1 / 0.5 / 0 (verdict_reward); logs `genrm/parse_fail_frac`."""
 
-    config_class = ThinkRMConfig
+    def __init__(self, fmt: GenRMFormat):
+        self.fmt = fmt
 
-    def __init__(self, cfg: ThinkRMConfig):
-        self.fmt = genrm_format(cfg)
-        super().__init__(cfg)
+    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+        strengths = [self.fmt.strength(t) for t in batch.texts]
+        batch.stats["genrm/parse_fail_frac"] = sum(s is None for s in strengths) / max(len(strengths), 1)
+        return torch.tensor([verdict_reward(s, e.answer) for s, e in zip(strengths, batch.samples)],
+                            dtype=torch.float32, device=batch.mask.device)
 
-    def load_data(self):
+
+class ThinkRMRLTrainer(GRPOTrainer):
+    """Stage 2: GRPO (its step) on judge prompts, rewarded by the verdict. Held-out: `eval/accuracy`
+    (right side), `eval/reward` and `eval/parse_fail_frac` of greedy verdicts."""
+
+    config_class = ThinkRMRLConfig
+
+    def __init__(self, cfg: ThinkRMRLConfig):
+        fmt = genrm_format(cfg)
         # A prompt is the judge's chat messages; its answer the gold strength (> 0: A better).
-        train, held_out = load_comparisons(self.cfg.data, self.fmt, self.cfg.seed, reasoning=False)
-        return tuple([Example(self.fmt.messages(c.prompt, c.response_a, c.response_b), answer=c.strength)
-                      for c in rows] for rows in (train, held_out))
+        train, held_out = load_comparisons(cfg.data, fmt.verdict, cfg.seed, reasoning=False)
+        data = tuple([Example(fmt.messages(c.prompt, c.response_a, c.response_b), answer=c.strength) for c in rows]
+                     for rows in (train, held_out))
+        checks = {"accuracy": lambda e, text: (s := fmt.strength(text)) is not None and (s > 0) == (e.answer > 0),
+                  "parse_fail_frac": lambda e, text: fmt.strength(text) is None}
+        super().__init__(cfg, data=data, reward=VerdictReward(fmt), eval_checks=checks,
+                         encode=lambda messages: encode_judge_prompt(self.tokenizer, messages, fmt.prefill))
+        self.fmt = fmt
 
-    def encode(self, prompt) -> list[int]:
-        return encode_judge_prompt(self.tokenizer, prompt, self.fmt.prefill)
-
-    def build_reward(self):
-        def reward(examples: list[Example], texts: list[str]) -> list[float]:
-            return [verdict_reward(self.fmt.strength(t), e.answer) for e, t in zip(examples, texts)]
-        return reward
-
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        batch.stats["genrm/parse_fail_frac"] = sum(self.fmt.strength(t) is None for t in batch.texts) / max(
-            len(batch.texts), 1)
-        return super().score(batch)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Greedy verdicts on the held-out comparisons."""
-        if not self.eval_set:
-            return {}
-        shard, rollouts = self.greedy_eval_rollouts()
-        texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
-        strengths = [self.fmt.strength(t) for t in texts]
-        totals = self.backend.mean({
-            "count": len(shard),
-            "reward": sum(verdict_reward(s, e.answer) for s, e in zip(strengths, shard)),
-            "accuracy": sum(s is not None and (s > 0) == (e.answer > 0) for s, e in zip(strengths, shard)),
-            "parse_fail_frac": sum(s is None for s in strengths),
-        })
-        count = max(totals.pop("count"), 1)
-        return {f"eval/{key}": value / count for key, value in totals.items()}
-
-    finish = ThinkRMSFT.finish
-
-
-class ThinkRMTrainer:
-    """`trainer: think_rm`: the stage named by `think_rm.stage`."""
-
-    config_class = ThinkRMConfig
-
-    def __new__(cls, cfg: ThinkRMConfig):
-        return (ThinkRMSFT if cfg.think_rm.stage == "sft" else ThinkRMRL)(cfg)
+    def finish(self, out: Path) -> None:
+        if self.backend.is_main:
+            self.fmt.save(out / "final")

@@ -1,1 +1,1 @@
-"""Efficiency options: AdaLoRA's budget schedule (adalora) and GEAR / KIVI KV-cache compression (gear)."""
+"""Efficiency options: GEAR / KIVI KV-cache compression for rollouts (gear)."""

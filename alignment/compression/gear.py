@@ -1,4 +1,4 @@
-"""GEAR KV-cache compression (methods.md section 6) as a transformers `Cache` that stores the
+"""GEAR KV-cache compression (Kang et al., 2024; reference code HaoKang-Timmy/GEAR) as a transformers `Cache` that stores the
 compressed form, with the KIVI-style baseline (quantisation only) behind the same interface.
 
 A key or value matrix X is stored as  D (b-bit quantised) + S (sparse outliers) + L (low rank):
@@ -18,7 +18,7 @@ prompt is cut into blocks of the same size, so every block has one shape and all
 are decompressed by one batched call per attention step (the transient full-precision copy that
 attention needs; only the compressed form is kept between steps).
 
-Choices where the reference is silent or differs (methods.md 6g):
+Choices where the reference is silent or differs:
 - every block, prefill included, uses `rank` (the reference uses a separate prefill rank of 4 on
   the whole prompt);
 - outliers are chosen per block matrix with an exact count round(s * entries), not s/2 per tail

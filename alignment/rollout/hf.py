@@ -14,7 +14,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from alignment.compression.gear import cache_nbytes, make_kv_cache
 from alignment.config import KVCompressionConfig
-from alignment.models import autocast, pack, token_logprobs
+from alignment.logprobs import autocast, pack, token_logprobs
 from alignment.rollout import RolloutEngine, Rollouts, SamplingParams, sample_seed
 
 

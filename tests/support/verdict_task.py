@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from tests.preference_task import WORDS
+from tests.support.preference_task import WORDS
 
 CRITERIA = "Every word has a worth from 1 to 5. The better response is the word worth more."
 PROMPT = "Which word is better?"
@@ -80,7 +80,8 @@ def write_splits(folder: Path, verdict: str = "binary", sft_pairs: int = 400, rl
                  held_out_pairs: int = 128) -> dict[str, Path]:
     """sft.jsonl (teacher reasoning, longest correct kept), rl.jsonl and held_out.jsonl (labels only),
     pairs.jsonl (the SFT pairs as preference pairs, for a Bradley-Terry baseline)."""
-    from rewards.generative import GenRMFormat, build_sft_examples
+    from rewards.generative import GenRMFormat
+    from rewards.sft_examples import build_sft_examples
 
     folder.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(sft_pairs, seed=1)

@@ -1,8 +1,11 @@
-"""`align` command line (also `python -m alignment`).
+"""`align` command line (also `python -m align`, and `python -m alignment` for launchers).
 
     align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
     align bench NAME [--quick]                  run benchmarks/NAME.py, write benchmarks/results/NAME.json
     align serve-rm --model DIR [--port 8000]    serve a reward or preference model over HTTP (rewards/server.py)
+
+It sits above the three packages: it picks the trainer (trainers/), which builds its rewards
+(rewards/) and runs on the core (alignment/).
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from pathlib import Path
 
 from alignment.config import ConfigError, load_config, merge, parse_overrides, read_yaml
 from alignment.data import DataError
+from trainers import get_trainer
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def build_config(path: str, overrides: list[str]):
-    from trainers import get_trainer
-
     values = merge(read_yaml(path), parse_overrides(overrides))
     trainer_cls = get_trainer(values.get("trainer", ""))
     return trainer_cls, load_config(trainer_cls.config_class, values)
@@ -52,7 +54,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve_rm(args) -> int:
-    from rewards.server import API_KEY_ENV, serve
+    from rewards.server import API_KEY_ENV, serve  # fastapi and uvicorn load only to serve
 
     serve(args.model, args.host, args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
           batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,

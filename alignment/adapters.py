@@ -1,9 +1,12 @@
-"""AdaLoRA's rank budget, driven once per optimizer step by the training backend.
+"""Adapters: LoRA / AdaLoRA wrapping (peft), merging them into full weights for the engine and for
+export, and AdaLoRA's rank budget.
+
+AdaLoRA's rank budget, driven once per optimizer step by the training backend.
 
 peft's `AdaLoraModel.update_and_allocate(step)` scores every singular triplet (P_k, lambda_k, Q_k)
 from |w * grad| (EMA-smoothed sensitivity times uncertainty) and zeroes the lambda_k of the least
 important ones down to the cubic budget schedule. Nothing calls it for you (HF Trainer and TRL do
-not), it needs the gradients, and it must run once per optimizer step (methods.md section 7g).
+not), it needs the gradients, and it must run once per optimizer step (Zhang et al., ICLR 2023, Algorithm 1).
 The backend calls `AdaLoRABudget` at every optimizer step, with the optimizer-step counter:
 
 - plain torch / DDP: after `optimizer.step()` and before `zero_grad()` (peft's order), so the mask
@@ -26,6 +29,66 @@ where peft's forward would skip it.
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedModel
+
+from alignment.config import ConfigError, PeftConfig
+
+
+def apply_peft(model: PreTrainedModel, cfg: PeftConfig, total_steps: int, modules_to_save: list[str] | None = None):
+    """LoRA or AdaLoRA adapters; `modules_to_save` are trained in full (a reward model's fresh score
+    head). `total_steps` is the number of optimizer steps the run will take: AdaLoRA's budget
+    schedule is defined over it."""
+    if cfg.type == "none":
+        return model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    common = dict(lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                  modules_to_save=modules_to_save or None)
+    if cfg.type == "lora":
+        return get_peft_model(model, LoraConfig(r=cfg.r, bias="none", **common))
+    if not 0 < cfg.target_r <= cfg.init_r:
+        raise ConfigError(f"peft.target_r ({cfg.target_r}) must lie in [1, peft.init_r = {cfg.init_r}]")
+    if cfg.deltaT < 1:
+        raise ConfigError(f"peft.deltaT: must be at least 1, got {cfg.deltaT}")
+    if not 0 <= cfg.tinit < total_steps - cfg.tfinal:
+        raise ConfigError(f"peft.tinit ({cfg.tinit}) and peft.tfinal ({cfg.tfinal}) leave no budget-reduction "
+                          f"phase in this run's {total_steps} optimizer steps: need tinit < {total_steps} - tfinal")
+    adalora = AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal,
+                            deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
+                            total_step=total_steps, **common)
+    return get_peft_model(model, adalora)
+
+
+def hf_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights in transformers names, LoRA deltas added, without touching the trainer's copy.
+
+    PEFT's merge_adapter()/unmerge_adapter() would round-trip the base weights through an add and a
+    subtract, which drifts in floating point over many syncs; we add the delta into a fresh tensor.
+    """
+    base = hf_model(model)
+    state = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or ".ranknum." in name or ".original_module." in name:
+            continue  # LoRA factors are merged below; a fully trained module's copy replaces its original
+        for adapter in getattr(model, "peft_config", {}):
+            name = name.replace(f".modules_to_save.{adapter}.", ".")
+        state[name.replace(".base_layer.", ".")] = tensor
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "active_adapters"):
+            key = f"{name}.weight"
+            weight = state[key]
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            state[key] = weight
+    return state
+
 
 
 def find_adalora(module: torch.nn.Module):

@@ -3,8 +3,9 @@
 Four linear layers side by side (each maps its own slice of the input); the teacher is the
 student's frozen base plus a rank-4 change in layer 2 and a small rank-1 change in each other
 layer. Every layer gets an AdaLoRA adapter (init_r 4, a total budget of 2 per layer = 8), so a
-working allocator gives layer 2 more rank than the others (ideally 4 + 1 + 1 + 1 + 1). Runs in-process (`run(...)`) or under a launcher
-(`torchrun --nproc_per_node 2 tests/adalora_toy.py OUT.json --deepspeed launch/ds_zero2.json`);
+working allocator gives layer 2 more rank than the others (ideally 4 + 1 + 1 + 1 + 1). Runs in-process
+(`run(...)`) or under a launcher
+(`torchrun --nproc_per_node 2 tests/support/adalora_toy.py OUT.json --deepspeed launch/ds_zero2.json`);
 each rank takes its share of every batch, so the processes together see what one process sees.
 """
 
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from alignment.backend import Backend  # noqa: E402
 from alignment.config import PeftConfig, TrainConfig  # noqa: E402
-from alignment.models import apply_peft  # noqa: E402
+from alignment.adapters import apply_peft  # noqa: E402
 
 WIDTH, LAYERS, CHANGED = 16, 4, 2
 STEPS, BATCH = 60, 64

@@ -1,0 +1,1 @@
+"""The `align` command line: the layer above alignment/ (the core), rewards/ and trainers/."""
