@@ -285,7 +285,7 @@ def _counts(p: float) -> list[int]:
 def test_methods_table_uses_zero_one_rewards(tau, p, kl_new, pmd_new):
     # pmd_loss minimised over the population reproduces the table with rewards {0 (wrong), 1 (correct)},
     # NOT with the +-1 rewards the recipe trains with. (+-1 rewards at tau equal 0/1 rewards at tau / 2:
-    # e.g. +-1 at tau = 1 gives 0.213, the table's tau = 0.5 row.) So the trainer at pmd.tau = t behaves
+    # e.g. +-1 at tau = 1 gives 0.213, the table's tau = 0.5 row.) So the trainer at algo.tau = t behaves
     # like the table's row for tau = t / 2.
     counts = _counts(p)
     zero_one = _minimise_population(counts, [0.0, 1.0], tau)[1]

@@ -34,17 +34,17 @@ def think_rm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("think-rm")
     splits = write_splits(folder / "data")
     model = tiny_llama(folder / "tiny")
-    recipe = {"trainer": "think_rm", "seed": 0, "think_rm": {"criteria": CRITERIA, "verdict": "binary"},
+    recipe = {"trainer": "think_rm_sft", "seed": 0, "think_rm": {"criteria": CRITERIA, "verdict": "binary"},
               "train": {"bf16": False}}
-    train(recipe, folder, ["think_rm.stage=sft", f"model.path={model}", f"output_dir={folder / 'sft'}",
+    train(recipe, folder, [f"model.path={model}", f"output_dir={folder / 'sft'}",
                            f"data.path={splits['sft']}", f"train.max_steps={SFT_STEPS}", "train.batch_size=16",
                            "train.lr=3e-3", "train.warmup_steps=5"])
     # The RL stage reads the format from the SFT model's genrm.json: no think_rm keys needed.
-    rl_recipe = {"trainer": "think_rm", "seed": 0, "think_rm": {"stage": "rl"}, "train": {"bf16": False}}
+    rl_recipe = {"trainer": "think_rm_rl", "seed": 0, "train": {"bf16": False}}
     train(rl_recipe, folder, [f"model.path={folder / 'sft' / 'final'}", f"output_dir={folder / 'rl'}",
                               f"data.path={splits['rl']}", f"data.eval_path={splits['held_out']}",
                               "data.eval_size=128", f"train.max_steps={RL_STEPS}", "train.batch_size=8",
-                              "rollout.n=8", "rollout.max_new_tokens=32", "train.lr=3e-4", "grpo.kl_coef=1e-3"])
+                              "rollout.n=8", "rollout.max_new_tokens=32", "train.lr=3e-4", "algo.kl_coef=1e-3"])
     rows = [json.loads(line) for line in (folder / "rl" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy" in r]
     return folder / "sft" / "final", folder / "rl" / "final", evals[0], evals[-1], rows
@@ -123,7 +123,7 @@ def test_sft_cuts_long_reasoning_keeps_the_verdict_and_logs_truncated_frac(tmp_p
                 "label": "B"}])
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {"trainer": "think_rm", "seed": 0, "think_rm": {"criteria": CRITERIA, "verdict": "binary"},
+    recipe = {"trainer": "think_rm_sft", "seed": 0, "think_rm": {"criteria": CRITERIA, "verdict": "binary"},
               "train": {"bf16": False}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     trainer_cls, cfg = build_config(str(tmp_path / "recipe.yaml"), [
