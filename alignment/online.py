@@ -202,10 +202,10 @@ class OnlineTrainer(Trainer):
         weights are still those that generated the batch (the first mini-batch of the first pass).
         Returns the mean of each stat, with `loss` and `grad_norm`."""
         stats: dict[str, list[float]] = {}
-        for epoch in range(self.passes):
+        for pass_index in range(self.passes):
             for j, micro in enumerate(self.micro_slices(rows)):
                 for part in micro:
-                    loss, loss_stats = loss_fn(part, epoch == 0 and j == 0)
+                    loss, loss_stats = loss_fn(part, pass_index == 0 and j == 0)
                     backend.backward(loss)
                     for key, value in {"loss": float(loss.detach()), **loss_stats}.items():
                         stats.setdefault(key, []).append(float(value))
