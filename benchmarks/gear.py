@@ -3,15 +3,14 @@
     align bench gear            # 16 story prompts x 384 new tokens, 2 and 4 bits (~15 min on 2 cores)
     align bench gear --quick    # 4 prompts x 64 new tokens, small blocks (smoke check)
 
-Model: SmolLM2-135M-Instruct (embedded, offline), through our HFEngine with its defaults (bf16
-autocast over fp32 weights).
+Model: SmolLM2-135M-Instruct (embedded, offline), through our HFEngine with its defaults (decoding
+on a bf16 copy of the weights).
 Rollouts are sampled at temperature 1 with the engine's per-sample seeds, so every cache draws the
 same noise: a compressed run produces the uncompressed run's tokens until a perturbed logit moves
 an argmax. Each configuration runs in its own process (one after the other), which measures:
   - kv bytes: what the cache objects hold at the end of generation (`Rollouts.kv_bytes`), and the
-    ratio to an fp16 cache of the same tokens (on CPU the uncompressed cache is fp32: bf16 autocast
-    leaves RoPE's multiply, and so the cached keys and values, in fp32; the compressed caches keep
-    their buffer in fp16);
+    ratio to an fp16 cache of the same tokens (the uncompressed cache stores the decoder's dtype, bf16 by
+    default; the compressed caches keep their buffer in fp16);
   - peak memory: the highest anonymous RSS during `generate` minus that just before it (sampled
     every 2 ms from /proc/self/status), after a warm-up generate, with glibc told to unmap freed blocks
     over 128 KiB (otherwise RSS keeps the allocator's high-water mark of transient tensors);
@@ -134,11 +133,9 @@ def child(kind: str, bits: int, extra: dict, quick: bool, reference_file: str) -
     if kind == "none":
         from transformers import DynamicCache
 
-        from alignment.logprobs import autocast
-
         probe = DynamicCache(config=model.config)
-        with torch.no_grad(), autocast(engine.bf16):
-            model(torch.tensor([prompts[0][:4]]), past_key_values=probe)
+        with torch.no_grad():
+            engine.decoder(torch.tensor([prompts[0][:4]]), past_key_values=probe)
         out["cache_dtype"] = str(probe.layers[0].keys.dtype)  # what the engine's uncompressed cache stores
         out["fp16_bytes"] = rollouts.kv_bytes * 2 // probe.layers[0].keys.element_size()
         return out

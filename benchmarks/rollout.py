@@ -6,7 +6,7 @@
 Model: SmolLM2-135M-Instruct (embedded, offline). Prompts: chat-templated requests for stories
 (they rarely stop before the token limit), one sample per prompt, temperature 1.0, seeded.
 Contenders, one after the other in this process on the same torch thread count:
-  - hf: our HFEngine (transformers `generate`, bf16 autocast over fp32 weights: the default).
+  - hf: our HFEngine (our decode loop on a bf16 copy of the weights: the default).
   - vllm-fp32: our VLLMEngine with dtype float32 (the CPU default: syncs verified to ~1e-4).
   - vllm-bf16: our VLLMEngine with dtype bfloat16 (the CUDA default).
 tokens/s counts generated tokens over the wall time of `generate` (best of the timed repeats,

@@ -69,7 +69,7 @@ def test_greedy_and_stop_at_eos(setup):
         logits[..., eos] += 100.0
         return logits
 
-    engine.model.lm_head.register_forward_hook(favour_eos)
+    engine.decoder.lm_head.register_forward_hook(favour_eos)
     out = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=5, temperature=0))
     assert out.response_ids == [[eos], [eos]] and out.finish_reasons == ["stop", "stop"]
     assert greedy.finish_reasons == ["length"] * 4

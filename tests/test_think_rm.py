@@ -77,7 +77,7 @@ def test_think_rm_judges_routed_rl_and_pairwise_rlhf_by_config(think_rm, tmp_pat
     policy = tmp_path / "policy"
     tiny_llama(policy, seed=3)
     common = {"model": {"path": str(policy)}, "data": {"path": str(prompts)},
-              "rollout": {"n": 3, "max_new_tokens": 4}, "train": {"max_steps": 1, "batch_size": 2, "bf16": False}}
+              "rollout": {"n": 4, "max_new_tokens": 1}, "train": {"max_steps": 1, "batch_size": 4, "bf16": False}}
     # A preference model is what routed RL routes from; a few steps are enough here.
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": PROMPT, "chosen": "apple", "rejected": "river"}) + "\n"
@@ -98,16 +98,16 @@ def test_think_rm_judges_routed_rl_and_pairwise_rlhf_by_config(think_rm, tmp_pat
         result = run_align("train", str(tmp_path / f"{name}.yaml"), env={"OMP_NUM_THREADS": "2"})
         assert result.returncode == 0, (name, result.stderr[-3000:])
     routed = json.loads((tmp_path / "routed" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert routed["router/judge_frac"] == 1.0  # 2 prompts x 3 pairs, all judged by the Think-RM
+    assert routed["router/judge_frac"] == 1.0  # 4 prompts x 6 pairs, all judged by the Think-RM
     pairwise = json.loads((tmp_path / "pairwise" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert pairwise["judge/calls"] == 2 * 3  # one call per unordered pair
-    # On a random policy's gibberish (unlike held-out pairs, < 5 %) the tiny GenRM often answers inside
-    # a reasoning it closes only after the answer ("...better.\n\n<answer>B</answer>A</answer>B</think>"):
-    # no verdict for a careful parser, which counts it. Measured: 2 and 3 of the six with the default
-    # kernels, 5 with ATEN_CPU_CAPABILITY=avx2 (the earlier parser, taking the last <answer> anywhere,
-    # read none as unparsable). So only "some verdict parsed" holds on every machine; how unparsable
-    # outputs are counted is checked exactly in test_genrm.py.
-    assert 0 <= pairwise["genrm/parse_fail_frac"] < 1, pairwise
+    assert pairwise["judge/calls"] == 4 * 6  # one call per unordered pair
+    # One-token responses keep the judged pairs close to the GenRM's training pairs (single words). On
+    # longer gibberish from the random policy the tiny GenRM often answered inside an unclosed
+    # reasoning (no verdict): measured 2 to 6 of six, depending on the kernels and the sampler, so
+    # the run could stop on an all-unparsable batch. Measured with one token: 0 of 24, default and
+    # avx2 kernels. How unparsable outputs are counted is checked exactly in test_genrm.py.
+    assert pairwise["genrm/parse_fail_frac"] < 0.5, pairwise
+    assert routed["router/judge_failures"] < 12, routed
 
 
 def test_sft_cuts_long_reasoning_keeps_the_verdict_and_logs_truncated_frac(tmp_path, caplog):
