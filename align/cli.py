@@ -1,7 +1,7 @@
 """`align` command line (also `python -m align`, and `python -m alignment` for launchers).
 
     align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
-    align bench NAME [--quick]                  run benchmarks/NAME.py, write benchmarks/results/NAME.json
+    align bench NAME [--quick] [KEY=VALUE ...]  run benchmarks/NAME.py, write benchmarks/results/NAME.json
     align serve-rm --model DIR [--port 8000]    serve a reward or preference model over HTTP (rewards/server.py)
 
 It sits above the three packages: it picks the trainer (trainers/), which builds its rewards
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -49,7 +50,9 @@ def cmd_bench(args) -> int:
     spec = importlib.util.spec_from_file_location(f"benchmarks.{args.name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(quick=args.quick)
+    if args.overrides and "overrides" not in inspect.signature(module.main).parameters:
+        raise ConfigError(f"benchmark {args.name!r} takes no KEY=VALUE overrides (got {' '.join(args.overrides)})")
+    module.main(quick=args.quick, **({"overrides": tuple(args.overrides)} if args.overrides else {}))
     return 0
 
 
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")
+    bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="recipe overrides, for the benchmarks that take them (pmd_phases, pmd_vs_trl_grpo)")
     bench.set_defaults(func=cmd_bench)
     serve_rm = sub.add_parser("serve-rm", help="serve a reward model over HTTP")
     serve_rm.add_argument("--model", required=True,
@@ -101,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_rm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                           help="debug also logs every request")
     serve_rm.set_defaults(func=cmd_serve_rm)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command == "bench" and all("=" in u and not u.startswith("-") for u in unknown):
+        args.overrides += unknown  # argparse stops filling a positional list at an option (`--quick`)
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -156,6 +156,12 @@ class TrainConfig:
     # online (each rolled out rollout.n times)
     batch_size: int = bounded(2, ge=1)
     mini_batches: int = bounded(1, ge=1)  # online: optimizer steps per rollout batch (off-policy updates)
+    # online: where the generating policy's log-probs (the ratio's or PMD's pi_old) come from.
+    # recompute: the trainer's own forward in training precision (the first mini-batch's from its
+    # own pass, later ones from one no-grad pass); rollout: the engine's log-probs of the tokens it
+    # sampled (verl's bypass mode: no extra forward; differs from the trainer's numerics by
+    # `rollout/logprob_diff`)
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
     weight_decay: float = bounded(0.0, ge=0)
     max_grad_norm: float = bounded(1.0, gt=0)
     warmup_steps: int = bounded(0, ge=0)

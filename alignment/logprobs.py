@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import DynamicCache
 
 from alignment.adapters import hf_model
 
@@ -56,12 +57,10 @@ def token_logprobs(
     """
     lm = hf_model(model)
     with autocast(bf16):
-        hidden = lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        hidden = response_hidden(lm.get_decoder(), input_ids, attention_mask, position_ids, response_len)
     # contiguous: on a strided slice, a frozen model's linear runs as a batched matmul with the LM head
     # expanded per row, about 10x slower on CPU than the single matmul it gets here
-    hidden = hidden[:, -response_len - 1: -1].contiguous()
+    hidden = hidden.contiguous()
     with autocast(False):
         logits = lm.get_output_embeddings()(hidden.float())
     targets = input_ids[:, -response_len:]
@@ -73,6 +72,36 @@ def token_logprobs(
             probs = torch.softmax(logits.detach(), -1)
             entropy = log_norm.detach() - (probs * logits.detach()).sum(-1)
     return logprobs, entropy
+
+
+def response_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor, response_len: int) -> torch.Tensor:
+    """The decoder's last hidden states (B, R, H) at the positions whose logits predict the response.
+
+    Rows that share their prompt (the n samples of a prompt in a group rollout) run it once: the
+    prompt's keys and values are computed for one row of each distinct prompt and indexed out to
+    the others, and the responses then attend to them as to a KV cache. Exact (each prompt token
+    only sees the prompt), and gradients flow back through the indexing, summed over the rows. It
+    cuts the decoder's tokens per mini-batch of 8 samples of one 50-token prompt from 8 x 66 to
+    50 + 8 x 17.
+    """
+    split = input_ids.shape[1] - response_len - 1  # the last prompt token goes with the response
+    if split > 0:
+        distinct, inverse = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0,
+                                         return_inverse=True)
+    if split <= 0 or len(distinct) == len(input_ids):
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        return hidden[:, -response_len - 1: -1]
+    rows = torch.arange(len(inverse), device=inverse.device)
+    first = torch.zeros(len(distinct), dtype=torch.long, device=inverse.device).scatter_(0, inverse, rows)
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=input_ids[first, :split], attention_mask=attention_mask[first, :split],
+            position_ids=position_ids[first, :split], past_key_values=cache, use_cache=True)
+    cache.reorder_cache(inverse)  # one cache row per sample: an index_select, differentiable
+    hidden = decoder(input_ids=input_ids[:, split:], attention_mask=attention_mask,
+                     position_ids=position_ids[:, split:], past_key_values=cache, use_cache=True).last_hidden_state
+    return hidden[:, :-1]
 
 
 @torch.no_grad()

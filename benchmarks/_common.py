@@ -134,6 +134,21 @@ def matmul_peak_tflops(dtype, n: int = 2048, seconds: float = 1.5, trials: int =
     return 2 * n**3 / best / 1e12
 
 
+def memory_bandwidth_gbs(megabytes: int = 256, trials: int = 5) -> float:
+    """Best-of-`trials` copy bandwidth in GB/s (bytes read + written) on the current torch threads."""
+    import torch
+
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(trials):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
 def summarize(times: list[float], warmup: int, stalls: list[float | None] | None = None,
               max_stall: float = 0.10) -> dict:
     """Median / mean / min / max of the steady-state step times (the first `warmup` steps left out).

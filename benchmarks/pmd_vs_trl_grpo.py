@@ -1,7 +1,8 @@
 """PMD-mean (ours) against TRL 1.16 GRPOTrainer (fp32 and bf16) on the same workload, in one process.
 
-    align bench pmd_vs_trl_grpo            # 60 steps per contender, 64 held-out problems (~27 min)
+    align bench pmd_vs_trl_grpo            # 60 steps per contender, 256 held-out problems (~35 min)
     align bench pmd_vs_trl_grpo --quick    # 3 steps per contender, 16 held-out problems (smoke check)
+    align bench pmd_vs_trl_grpo rollout.backend=vllm   # KEY=VALUE overrides apply to ours only
 
 Workload (the same for every contender): SmolLM2-135M-Instruct (embedded, offline), reasoning-gym
 `chain_sum` (2 terms, 1-2 digits), prompt suffix " Reply with just the number.", chat template,
@@ -22,10 +23,13 @@ Step times leave out the first warm-up steps. Each step also records the CPU sta
 processes caused (Linux PSI, /proc/pressure/cpu); the headline step time is the median over the
 uncontended steps (stall < 10% of the step) when there are enough of them. Held-out greedy
 accuracy is measured by one evaluator for every contender: the trained weights loaded into an fp32
-`HFEngine`, greedy decoding, at most 16 new tokens, `rewards.verifiable.is_correct`. FLOPs are
+`HFEngine`, greedy decoding, at most 16 new tokens, `rewards.verifiable.is_correct`, with its
+standard error over the problems; two contenders compare by their paired per-problem difference
+(and its standard error), since both answer the same problems. FLOPs are
 estimated from the real (unpadded) token counts: 2 FLOPs per parameter per token forward, 4
-backward; the decoder's matmul parameters see every token, the LM head (tied embedding) only the
-completion positions.
+backward; the decoder's matmul parameters see every token it runs, the LM head (tied embedding)
+only the completion positions. The bf16 bound counts the FLOPs each contender executes: ours runs
+each distinct prompt once per pass (shared prefill and shared prefix), TRL every row's whole prompt.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ NAME = "pmd_vs_trl_grpo"
 CONFIG = ROOT / "configs" / "pmd_chain_sum.yaml"
 THREADS = 2
 DOC_PEAK_BF16, DOC_PEAK_FP32 = 2.0, 0.32  # TFLOP/s, this machine's documented peaks (workplace notes)
-TARGET_VS_FP32, TARGET_VS_BF16 = 3.0, 1.5
+TARGET_VS_FP32, TARGET_VS_BF16, TARGET_OVER_BOUND = 3.0, 1.5, 2.0
+# 256 problems: a binomial standard error of about 0.03 on an accuracy near 0.5, and the paired
+# difference of two models on the same problems is tighter still (they agree on most problems).
+EVAL_PROBLEMS = 256
 
 
 
@@ -71,6 +78,31 @@ def param_counts(model) -> dict:
     head = model.get_output_embeddings().weight.numel()
     total = sum(p.numel() for p in model.parameters())
     return {"layers": layers, "head": head, "total": total}
+
+
+def old_logprob_passes(cfg) -> float:
+    """Forward passes over the batch for the old log-probs: mini-batches 2..k get a no-grad pass (the
+    first is on-policy and uses its own), none with the engine's (`train.old_logprobs: rollout`)."""
+    if cfg.train.old_logprobs == "rollout":
+        return 0.0
+    return (cfg.train.mini_batches - 1) / cfg.train.mini_batches
+
+
+def decoder_tokens(rollouts) -> int:
+    """Tokens ours' decoder runs per pass over a batch: each distinct prompt once (the engine's shared
+    prefill, the trainer's shared prefix: alignment.logprobs.response_hidden), then each row's last
+    prompt token and its response."""
+    distinct = {i: len(p) for i, p in zip(rollouts.prompt_index, rollouts.prompt_ids)}
+    return sum(distinct.values()) + len(rollouts.prompt_ids) + sum(len(r) for r in rollouts.response_ids)
+
+
+def memory_bytes(params: dict, decode_steps: float, optimizer_steps: int) -> float:
+    """Bytes ours must move where the work is bound by memory, not matmuls: each decode step reads the
+    engine's bf16 weights once (2 bytes per parameter); each fused AdamW step reads parameter, gradient
+    and both moments and writes three back, and clipping reads the gradient (32); the weight sync
+    writes the engine's fp32 and bf16 copies (8 + 6) and each side's fp32 canary forward reads the
+    fp32 weights (8)."""
+    return params["total"] * (2 * decode_steps + 32 * optimizer_steps + 22)
 
 
 def flops(params: dict, tokens: float, completion_tokens: float, passes: float) -> float:
@@ -106,7 +138,13 @@ class GreedyEval:
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
         self.last_number_accuracy = sum(_last_number(t) == str(e.answer).strip()
                                         for e, t in zip(self.examples, texts)) / len(self.examples)
-        return sum(is_correct(e, t) for e, t in zip(self.examples, texts)) / len(self.examples)
+        self.last_correct = [float(is_correct(e, t)) for e, t in zip(self.examples, texts)]
+        return statistics.fmean(self.last_correct)
+
+
+def standard_error(values: list[float]) -> float:
+    """Of the mean of `values` (per-problem scores, or per-problem differences of two models)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
 
 
 def _last_number(text: str) -> str | None:
@@ -152,6 +190,7 @@ def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict, co
             per_step.append({
                 "step": s + 1, "seconds": times[-1], "cpu_stall_s": stalls[-1], "reward_mean": metrics["reward/mean"],
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "decoder_tokens": decoder_tokens(ro), "decode_steps": max(len(r) for r in ro.response_ids),
                 "rollout_s": metrics["time/rollout_s"], "generate_s": sum(generate_s),
                 "train_s": metrics["time/train_s"], "sync_s": metrics["time/sync_s"], "loss": metrics.get("loss"),
             })
@@ -162,15 +201,14 @@ def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict, co
         loads.append(C.load_average())
         own_after = trainer.evaluate().get("eval/accuracy")
         after = evaluator(trainer.model)
-        after_lenient = evaluator.last_number_accuracy
+        after_lenient, correct = evaluator.last_number_accuracy, evaluator.last_correct
         del trainer
         gc.collect()
-    return {"times": times, "stalls": stalls, "per_step": per_step, "after": after,
-            "after_last_number": after_lenient,
+    return {"times": times, "stalls": stalls, "per_step": per_step, "after": after, "correct": correct,
+            "after_last_number": after_lenient, "overrides": list(extra),
             "setup_s": setup_s, "load_average": loads,
             "own_eval_bf16": {"before": own_before, "after": own_after},
-            # The old log-prob forward: since f7c37b6 only mini-batches 2..k need it (the first is on-policy).
-            "extra_forward_passes": (cfg.train.mini_batches - 1) / cfg.train.mini_batches,
+            "extra_forward_passes": old_logprob_passes(cfg), "optimizer_steps": cfg.train.mini_batches,
             "phases": {k: statistics.median(p[k] for p in per_step)
                        for k in ("rollout_s", "generate_s", "train_s", "sync_s")}}
 
@@ -250,18 +288,21 @@ def run_trl(bf16: bool, steps: int, train_set, model_path, tokenizer, evaluator:
         for k, h in enumerate(logs):
             tokens = float(h.get("num_tokens", 0.0))
             completion_tokens = float(h.get("completions/mean_length", 0.0)) * args.generation_batch_size
+            prompt_tokens = tokens - prev_tokens - completion_tokens
             per_step.append({
                 "step": k + 1, "seconds": times[k] if k < len(times) else None,
                 "cpu_stall_s": stalls[k] if k < len(stalls) else None, "reward_mean": h.get("reward"),
-                "prompt_tokens": tokens - prev_tokens - completion_tokens, "completion_tokens": completion_tokens,
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "decoder_tokens": prompt_tokens + completion_tokens,  # every row runs its whole prompt
                 "loss": h.get("loss"),
             })
             prev_tokens = tokens
         after = evaluator(trainer.model)
-        after_lenient = evaluator.last_number_accuracy
+        after_lenient, correct = evaluator.last_number_accuracy, evaluator.last_correct
         del trainer, model
         gc.collect()
     return {"times": times, "stalls": stalls, "cadence_s": cadence, "per_step": per_step, "after": after,
+            "correct": correct,
             "after_last_number": after_lenient, "setup_s": setup_s,
             "train_wall_s": train_wall, "load_average": loads, "optimizer_step_times_s": opt_times,
             "extra_forward_passes": 1.0,  # gradient checkpointing recomputes the forward in backward
@@ -285,14 +326,14 @@ def headline_step_s(stats: dict) -> tuple[float, str]:
 
 def contender_figures(run: dict, warmup: int, executed_flops, peak_bf16: float, peak_fp32: float) -> dict:
     """What every contender reports: steady-state step times (`C.summarize`, `headline_step_s`),
-    tokens per step, throughput of the work `executed_flops(tokens, completion_tokens)` it does,
+    tokens per step, throughput of the work `executed_flops(decoder tokens, completion tokens)` it does,
     and its raw per-step records."""
     stats = C.summarize(run["times"], warmup, run["stalls"])
     t, t_from = headline_step_s(stats)
     steady = run["per_step"][warmup:] or run["per_step"]
     tokens = statistics.fmean(p["prompt_tokens"] + p["completion_tokens"] for p in steady)
     completion = statistics.fmean(p["completion_tokens"] for p in steady)
-    executed = executed_flops(tokens, completion)
+    executed = executed_flops(statistics.fmean(p["decoder_tokens"] for p in steady), completion)
     figures = {
         **stats, "step_s": t, "step_s_from": t_from,
         "tokens_per_step": tokens, "completion_tokens_per_step": completion,
@@ -308,14 +349,15 @@ def contender_figures(run: dict, warmup: int, executed_flops, peak_bf16: float, 
     return figures
 
 
-def main(quick: bool = False) -> dict:
+def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
+    """`overrides` (KEY=VALUE) apply to ours only, after the shared workload's, e.g. rollout.backend=vllm."""
     from alignment.data import load_prompts
     from alignment.models import load_tokenizer, resolve_path
 
     C.quiet_torch(THREADS)
 
-    steps, warmup, eval_size = (3, 1, 16) if quick else (60, 2, 64)
-    command = f"align bench {NAME}" + (" --quick" if quick else "")
+    steps, warmup, eval_size = (3, 1, 16) if quick else (60, 2, EVAL_PROBLEMS)
+    command = " ".join([f"align bench {NAME}", *(["--quick"] if quick else []), *overrides])
     print(f"{command}: {steps} steps per contender, {eval_size} held-out problems, {THREADS} threads", flush=True)
 
     _, cfg = build_ours_config(steps, eval_size, tempfile.gettempdir())
@@ -324,20 +366,20 @@ def main(quick: bool = False) -> dict:
     train_set, eval_set = load_prompts(cfg.data, cfg.seed)
 
     peaks = {"bf16_tflops": [C.matmul_peak_tflops(torch.bfloat16)],
-             "fp32_tflops": [C.matmul_peak_tflops(torch.float32)]}
+             "fp32_tflops": [C.matmul_peak_tflops(torch.float32)], "copy_gbs": [C.memory_bandwidth_gbs()]}
     print(f"matmul peak (2048^3, {THREADS} threads): bf16 {peaks['bf16_tflops'][0]:.2f} TFLOP/s, "
-          f"fp32 {peaks['fp32_tflops'][0]:.3f} TFLOP/s", flush=True)
+          f"fp32 {peaks['fp32_tflops'][0]:.3f} TFLOP/s; copy bandwidth {peaks['copy_gbs'][0]:.1f} GB/s", flush=True)
 
     evaluator = GreedyEval(model_path, tokenizer, eval_set, cfg.rollout.max_new_tokens)
     params = param_counts(evaluator.engine.model)
     before = evaluator(evaluator.engine.model)
-    before_lenient = evaluator.last_number_accuracy
+    before_lenient, before_correct = evaluator.last_number_accuracy, evaluator.last_correct
     print(f"held-out greedy accuracy before training: {before:.3f} ({eval_size} problems; "
           f"last number in the reply right: {before_lenient:.3f})", flush=True)
 
     runs = {}
     print("ours (PMD-mean, bf16 autocast):", flush=True)
-    runs["ours"] = run_ours(steps, eval_size, evaluator, params)
+    runs["ours"] = run_ours(steps, eval_size, evaluator, params, extra=tuple(overrides))
     for bf16 in (False, True):
         name = "trl-bf16" if bf16 else "trl-fp32"
         print(f"{name} (TRL GRPOTrainer, bf16={bf16}):", flush=True)
@@ -345,7 +387,8 @@ def main(quick: bool = False) -> dict:
 
     peaks["bf16_tflops"].append(C.matmul_peak_tflops(torch.bfloat16))
     peaks["fp32_tflops"].append(C.matmul_peak_tflops(torch.float32))
-    peak_bf16, peak_fp32 = max(peaks["bf16_tflops"]), max(peaks["fp32_tflops"])
+    peaks["copy_gbs"].append(C.memory_bandwidth_gbs())
+    peak_bf16, peak_fp32, bandwidth = max(peaks["bf16_tflops"]), max(peaks["fp32_tflops"]), max(peaks["copy_gbs"])
 
     figures = {}
     for name, run in runs.items():
@@ -359,6 +402,8 @@ def main(quick: bool = False) -> dict:
             "accuracy_before": before,
             "accuracy_after": run["after"],
             "accuracy_gain": run["after"] - before,
+            "accuracy_after_se": standard_error(run["correct"]),
+            "accuracy_gain_se": standard_error([a - b for a, b in zip(run["correct"], before_correct)]),
             "last_number_accuracy_before": before_lenient,
             "last_number_accuracy_after": run["after_last_number"],
             "reward_mean_first5": statistics.fmean(p["reward_mean"] for p in run["per_step"][:5]),
@@ -369,15 +414,37 @@ def main(quick: bool = False) -> dict:
         })
 
     ours = figures["ours"]
-    ratios = {f"ours_vs_{k.replace('-', '_')}": {
-        "x_faster": figures[k]["step_s"] / ours["step_s"],
-        "x_faster_median_all_steps": figures[k]["median_s"] / ours["median_s"],
-        "x_faster_mean_all_steps": figures[k]["mean_s"] / ours["mean_s"]} for k in ("trl-fp32", "trl-bf16")}
+    ours["step_over_bf16_bound"] = ours["step_s"] / ours["bf16_bound_s"]
+    # The bound of the workload as TRL runs it: every row's whole prompt (the definition before issue 19).
+    ours["bf16_bound_unshared_s"] = (ours["model_flops_per_step"] + flops(
+        params, ours["tokens_per_step"], ours["completion_tokens_per_step"], runs["ours"]["extra_forward_passes"])
+    ) / (peak_bf16 * 1e12)
+    # Roofline: the matmul bound plus the time the memory-bound work needs at the measured bandwidth.
+    steady = runs["ours"]["per_step"][warmup:]
+    ours["memory_bytes_per_step"] = memory_bytes(params, statistics.fmean(p["decode_steps"] for p in steady),
+                                                 runs["ours"]["optimizer_steps"])
+    ours["roofline_bound_s"] = ours["bf16_bound_s"] + ours["memory_bytes_per_step"] / (bandwidth * 1e9)
+    ours["step_over_roofline_bound"] = ours["step_s"] / ours["roofline_bound_s"]
+    ratios = {}
+    for k in ("trl-fp32", "trl-bf16"):
+        # Held-out accuracy after training, ours minus the peer's, paired over the same problems.
+        difference = [a - b for a, b in zip(runs["ours"]["correct"], runs[k]["correct"])]
+        ratios[f"ours_vs_{k.replace('-', '_')}"] = {
+            "x_faster": figures[k]["step_s"] / ours["step_s"],
+            "x_faster_median_all_steps": figures[k]["median_s"] / ours["median_s"],
+            "x_faster_mean_all_steps": figures[k]["mean_s"] / ours["mean_s"],
+            "accuracy_after_difference": statistics.fmean(difference),
+            "accuracy_after_difference_se": standard_error(difference)}
+    fp32, bf16 = ratios["ours_vs_trl_fp32"], ratios["ours_vs_trl_bf16"]
     targets = {
-        "ours >= 3x faster per step than TRL fp32": ratios["ours_vs_trl_fp32"]["x_faster"] >= TARGET_VS_FP32,
-        "ours >= 1.5x faster per step than TRL bf16": ratios["ours_vs_trl_bf16"]["x_faster"] >= TARGET_VS_BF16,
-        "ours accuracy gain >= TRL fp32's": ours["accuracy_gain"] >= figures["trl-fp32"]["accuracy_gain"],
-        "ours accuracy gain >= TRL bf16's": ours["accuracy_gain"] >= figures["trl-bf16"]["accuracy_gain"],
+        "ours >= 3x faster per step than TRL fp32": fp32["x_faster"] >= TARGET_VS_FP32,
+        "ours >= 1.5x faster per step than TRL bf16": bf16["x_faster"] >= TARGET_VS_BF16,
+        "ours step within 2x of its bf16 matmul bound": ours["step_over_bf16_bound"] <= TARGET_OVER_BOUND,
+        # "Equal" within the noise: ours is not below the peer by more than 2 standard errors.
+        "ours held-out accuracy >= TRL fp32's (within 2 SE)":
+            fp32["accuracy_after_difference"] >= -2 * fp32["accuracy_after_difference_se"],
+        "ours held-out accuracy >= TRL bf16's (within 2 SE)":
+            bf16["accuracy_after_difference"] >= -2 * bf16["accuracy_after_difference_se"],
     }
 
     rows = []
@@ -387,7 +454,8 @@ def main(quick: bool = False) -> dict:
         rows.append([name, f"{f['step_s']:.2f}",
                      f"{clean['steps_timed']}/{f['steps_timed']}" if clean else f"-/{f['steps_timed']}",
                      f"{f['median_s']:.2f}", f"{f['mean_s']:.2f}", ratio,
-                     f"{f['accuracy_before']:.3f} -> {f['accuracy_after']:.3f}", f"{f['accuracy_gain']:+.3f}",
+                     f"{f['accuracy_before']:.3f} -> {f['accuracy_after']:.3f} +- {f['accuracy_after_se']:.3f}",
+                     f"{f['accuracy_gain']:+.3f} +- {f['accuracy_gain_se']:.3f}",
                      f"{f['executed_flops_per_step'] / 1e12:.2f}", f"{f['achieved_tflops']:.3f}",
                      f"{100 * f['fraction_of_bf16_peak']:.1f}%", f"{f['bf16_bound_s']:.2f}"])
     header = ["contender", "s/step", "clean steps", "med all", "mean all", "ours x faster",
@@ -398,7 +466,13 @@ def main(quick: bool = False) -> dict:
     print(C.table(rows, header))
     for k, v in ratios.items():
         print(f"{k}: {v['x_faster']:.2f}x faster (clean median), {v['x_faster_median_all_steps']:.2f}x "
-              f"(median of all steps), {v['x_faster_mean_all_steps']:.2f}x (mean of all steps)")
+              f"(median of all steps), {v['x_faster_mean_all_steps']:.2f}x (mean of all steps); held-out "
+              f"accuracy after, ours minus theirs: {v['accuracy_after_difference']:+.3f} "
+              f"+- {v['accuracy_after_difference_se']:.3f} (paired standard error)")
+    print(f"ours: step {ours['step_s']:.2f} s = {ours['step_over_bf16_bound']:.2f}x its bf16 bound "
+          f"({ours['bf16_bound_s']:.2f} s; {ours['bf16_bound_unshared_s']:.2f} s counting every row's prompt), "
+          f"{ours['step_over_roofline_bound']:.2f}x its roofline bound ({ours['roofline_bound_s']:.2f} s: "
+          f"+ {ours['memory_bytes_per_step'] / 1e9:.1f} GB at {bandwidth:.1f} GB/s)")
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'NOT met'}")
 
@@ -410,6 +484,7 @@ def main(quick: bool = False) -> dict:
             "prompts_per_step": 2, "samples_per_prompt": 8, "max_new_tokens": 16, "lr": 1e-5,
             "temperature": 1.0, "kl": 0.0, "steps": steps, "warmup_steps_excluded": warmup,
             "eval_problems": eval_size, "eval": "greedy, fp32 HFEngine, rewards.verifiable.is_correct",
+            "ours_overrides": list(overrides),
             "params": params, "rewards": {"ours": "+1 / -1", "trl": "1 / 0"},
         },
         "matmul_peak": {**peaks, "size": 2048, "threads": THREADS, "doc_bf16_tflops": DOC_PEAK_BF16,
@@ -425,4 +500,4 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    main(quick="--quick" in sys.argv, overrides=tuple(a for a in sys.argv[1:] if a != "--quick"))

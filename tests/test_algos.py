@@ -81,3 +81,31 @@ def test_a_partial_algo_section_keeps_the_trainers_defaults():
 
     assert load_config(PMDConfig, {"algo": {"tau": 0.2}}).algo == AlgoConfig(advantage="rloo", policy_loss="pmd",
                                                                            tau=0.2)
+
+
+@pytest.mark.parametrize("source", ["recompute", "rollout"])
+def test_old_logprobs_come_from_the_trainer_or_the_engine(tmp_path, tiny_model, source):
+    """`train.old_logprobs`: recompute gives the later mini-batch one no-grad trainer pass (the first
+    is on-policy and uses its own); rollout takes the engine's log-probs as they are, no extra pass."""
+    from align.cli import build_config
+    from tests.support.recipes import toy_recipe
+
+    trainer_cls, cfg = build_config(str(toy_recipe(tmp_path, tiny_model)), [
+        f"output_dir={tmp_path / 'out'}", "train.batch_size=2", "train.mini_batches=2",
+        f"train.old_logprobs={source}"])
+    trainer = trainer_cls(cfg)
+    batches, passes = [], []
+    rollout, policy_logprobs = trainer.rollout, trainer.policy_logprobs
+    trainer.rollout = lambda step: batches.append(rollout(step)) or batches[-1]
+    trainer.policy_logprobs = lambda batch, first=0: passes.append(first) or policy_logprobs(batch, first)
+    metrics = trainer.step(0)
+    batch = batches[0]
+    engine_logp = batch.rollout_logp()
+    if source == "rollout":
+        assert passes == [] and torch.equal(batch.old_logp, engine_logp)
+        assert metrics["rollout/logprob_diff"] == 0.0
+    else:
+        half = len(batch.mask) // 2
+        assert passes == [half]  # one no-grad pass, over the second mini-batch only
+        # The trainer's own numerics (bf16 autocast) against the engine's: close, not equal.
+        assert 0 < metrics["rollout/logprob_diff"] < 0.05, metrics["rollout/logprob_diff"]

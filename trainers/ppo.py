@@ -138,7 +138,7 @@ class PPOTrainer(OnlineTrainer):
         batch = self.rollout(step)
         batch.rewards = self.reward(batch)  # sequence scores
         mask, r_len = batch.mask, batch.mask.shape[1]
-        old_logp = self.policy_logprobs(batch)
+        old_logp = batch.rollout_logp() if cfg.train.old_logprobs == "rollout" else self.policy_logprobs(batch)
         ref_logp = batch.token_logprobs.get(cfg.kl.reference)  # SR-PPO's reward computed them already
         ref_logp = (self.reference_logprobs(batch) if ref_logp is None else ref_logp) * mask
         old_values = self.chunked(batch, lambda rows: self.critic_backend(**batch.rows(rows), response_len=r_len))
