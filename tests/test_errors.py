@@ -200,3 +200,13 @@ def test_output_dir_that_is_a_file(capsys, tmp_path, tiny_model):
     (tmp_path / "taken").write_text("not a folder")
     err = _fails(capsys, ["train", str(recipe), f"output_dir={tmp_path / 'taken'}"])
     assert f"output_dir: {tmp_path / 'taken'} is a file" in err
+
+
+def test_bench_overrides_go_only_to_benchmarks_that_take_them(capsys):
+    """`align bench NAME [--quick] KEY=VALUE`: overrides after --quick still count as overrides; a
+    benchmark without a recipe refuses them by name, and a stray option is still an error."""
+    err = _fails(capsys, ["bench", "rollout", "--quick", "rollout.n=2"])
+    assert "benchmark 'rollout' takes no KEY=VALUE overrides (got rollout.n=2)" in err
+    with pytest.raises(SystemExit):
+        main(["bench", "rollout", "--quick", "--steps=3"])
+    assert "unrecognized arguments: --steps=3" in capsys.readouterr().err
