@@ -1,6 +1,6 @@
 """PMD-mean (ours) against TRL 1.16 GRPOTrainer (fp32 and bf16) on the same workload, in one process.
 
-    align bench pmd_vs_trl_grpo            # 60 steps per contender, 256 held-out problems (~35 min)
+    align bench pmd_vs_trl_grpo            # 60 steps per contender, 256 held-out problems (~26 min)
     align bench pmd_vs_trl_grpo --quick    # 3 steps per contender, 16 held-out problems (smoke check)
     align bench pmd_vs_trl_grpo rollout.backend=vllm   # KEY=VALUE overrides apply to ours only
 
