@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import random
 import statistics
 import sys
@@ -186,23 +185,6 @@ def reset_peak_memory(device: torch.device) -> int | None:
 def peak_allocated(device: torch.device) -> int | None:
     """The most bytes allocated since `reset_peak_memory` (None on CPU)."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-# ---- 1. matmul peak -----------------------------------------------------------------------------
-def bf16_matmul_tflops(device: torch.device, n: int, trials: int = 3, reps: int = 20) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(2):  # kernel selection and clocks
-        a @ b
-    best = math.inf
-    for _ in range(trials):
-        synchronize(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * n**3 / best / 1e12
 
 
 # ---- 2. PMD against TRL GRPO --------------------------------------------------------------------
@@ -394,7 +376,7 @@ def main(quick: bool = False, assets: str | None = None, budget_s: float = 360.0
     def save() -> Path:
         return C.write_results(NAME + (".quick" if quick else ""), result)
 
-    peak = bf16_matmul_tflops(device, shapes.matmul_n)
+    peak = C.matmul_peak_tflops(torch.bfloat16, shapes.matmul_n, device=device)
     result["matmul_bf16"] = {"n": shapes.matmul_n, "tflops": peak}
     save()
     print(f"\n1. bf16 matmul peak ({result['device']}, {shapes.matmul_n}^3): {peak:.2f} TFLOP/s", flush=True)
