@@ -70,8 +70,9 @@ def check_ranges(section: Any, prefix: str) -> None:
 class ModelConfig:
     path: str = ""  # local folder, hub name, or `builtin:smollm2-135m-instruct`
     trust_remote_code: bool = False
-    # transformers attention kernel (sdpa, eager, flash_attention_2, ...); None: transformers' default.
-    # On CPU with short sequences `eager` trains faster (its backward avoids the flash kernel).
+    # transformers attention kernel (sdpa, eager, flash_attention_2, ...). None: `sdpa_short_query`
+    # (alignment/attention.py: SDPA, except short bf16 queries on CPU) where transformers would pick
+    # SDPA, else transformers' default.
     attn_implementation: str | None = None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from alignment.attention import use_short_query_attention
 from alignment.config import ConfigError, ModelConfig, PeftConfig
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
                                                  attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
-    return model
+    return use_short_query_attention(model, cfg.attn_implementation)
 
 
 def load_reward_model(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
@@ -129,7 +130,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
-    return model
+    return use_short_query_attention(model, cfg.attn_implementation)
 
 
 def frozen(model: PreTrainedModel) -> PreTrainedModel:

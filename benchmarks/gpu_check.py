@@ -188,19 +188,16 @@ def peak_allocated(device: torch.device) -> int | None:
 
 
 # ---- 2. PMD against TRL GRPO --------------------------------------------------------------------
-def ours_overrides(model: Path, data: Path, shapes: Shapes, device: torch.device) -> tuple[str, ...]:
-    extra = [f"model.path={model}", "data.source=file", f"data.path={data}", f"train.batch_size={shapes.prompts}",
-             f"rollout.n={shapes.samples}", f"rollout.max_new_tokens={shapes.new_tokens}"]
-    if device.type == "cuda":
-        extra.append("model.attn_implementation=sdpa")  # the recipe's eager is a CPU choice
-    return tuple(extra)
+def ours_overrides(model: Path, data: Path, shapes: Shapes) -> tuple[str, ...]:
+    return (f"model.path={model}", "data.source=file", f"data.path={data}", f"train.batch_size={shapes.prompts}",
+            f"rollout.n={shapes.samples}", f"rollout.max_new_tokens={shapes.new_tokens}")
 
 
 def run_ours(model: Path, data: Path, shapes: Shapes, device: torch.device, peak_tflops: float) -> dict:
     from alignment.adapters import hf_model
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_pmd_") as out:
-        trainer_cls, cfg = build_ours_config(shapes.steps, 0, out, extra=ours_overrides(model, data, shapes, device))
+        trainer_cls, cfg = build_ours_config(shapes.steps, 0, out, extra=ours_overrides(model, data, shapes))
         trainer = trainer_cls(cfg)
         params = param_counts(hf_model(trainer.model))
         trainer.sync_weights()
@@ -254,7 +251,7 @@ def run_trl_same_shapes(model: Path, data: Path, shapes: Shapes, device: torch.d
     from alignment.data import load_prompts
     from alignment.models import load_tokenizer as recipe_tokenizer
 
-    extra = ours_overrides(model, data, shapes, device)
+    extra = ours_overrides(model, data, shapes)
     _, cfg = build_ours_config(shapes.steps, 0, tempfile.gettempdir(), extra=extra)
     train_set, _ = load_prompts(cfg.data, cfg.seed)
     cuda = device.type == "cuda"

@@ -127,3 +127,27 @@ def test_lora_sync_merges_without_touching_the_adapters(setup):
     assert engine.update_weights(merged_state_dict(peft_model), canary) < 1e-4
     assert all(torch.equal(before[n], p) for n, p in peft_model.named_parameters())  # still unmerged
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_bf16_engine_decodes_on_packed_weights_that_follow_each_sync(setup):
+    tokenizer, model, prompts = setup
+    engine = engine_for(setup, bf16=True)
+    if not engine.packed:
+        pytest.skip("no oneDNN bf16 on this CPU: the engine decodes on plain bf16 weights")
+    # packed and plain bf16 matmuls give the same numbers
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    batch = pack(prompts, [[]] * len(prompts), tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    assert torch.equal(engine.decoder(**inputs).logits, plain(**inputs).logits)
+    # after a sync the engine decodes with the new weights: as an engine built on them does
+    trainer = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sampling = SamplingParams(n=2, max_new_tokens=6, seed=5)
+    before = engine.generate(prompts, sampling)
+    engine.update_weights(merged_state_dict(trainer), _canary(trainer, prompts))
+    after = engine.generate(prompts, sampling)
+    fresh = HFEngine(copy.deepcopy(trainer), tokenizer, bf16=True).generate(prompts, sampling)
+    assert after.response_ids == fresh.response_ids != before.response_ids
+    assert all(torch.equal(a, b) for a, b in zip(after.logprobs, fresh.logprobs))

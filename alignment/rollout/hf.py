@@ -13,6 +13,7 @@ DynamicCache, or GEAR / KIVI compressed (`rollout.kv_compression`).
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -46,6 +47,27 @@ class SeededSampler:
         return chosen.clamp_(max=cdf.shape[-1] - 1)  # rounding can put u past the last step of the cdf
 
 
+def _packed_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, module.packed_weight, module.bias, "none", [], "")
+
+
+def pack_linear_weights(model: torch.nn.Module) -> bool:
+    """Run a bf16 CPU model's nn.Linear layers on oneDNN-prepacked copies of their weights (again after
+    each weight load). A decode step's matmuls read every weight once for a few rows; unpacked, oneDNN
+    reorders each weight on every call: 35 -> 20 ms of matmuls per token (SmolLM2-135M, 16 rows,
+    2 AMD EPYC cores), bit-identical outputs. False where it does not apply (other devices or
+    dtypes, no oneDNN bf16)."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    if (not linears or linears[0].weight.device.type != "cpu" or linears[0].weight.dtype != torch.bfloat16
+            or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    for module in linears:
+        # the layout is chosen for a batch-size hint; 1..160 rows measured the same
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
+        module.forward = functools.partial(_packed_linear, module)
+    return True
+
+
 class HFEngine(RolloutEngine):
     def __init__(self, model, tokenizer, bf16: bool = True, max_batch: int = 64,
                  kv_compression: KVCompressionConfig | None = None):
@@ -56,6 +78,7 @@ class HFEngine(RolloutEngine):
         self.model = model.eval().requires_grad_(False)
         self.model.config.use_cache = True
         self.decoder = copy.deepcopy(self.model).to(torch.bfloat16) if bf16 else self.model
+        self.packed = bf16 and pack_linear_weights(self.decoder)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.kv_compression = kv_compression or KVCompressionConfig()
@@ -147,3 +170,5 @@ class HFEngine(RolloutEngine):
         if self.decoder is not self.model:
             for name, param in self.decoder.named_parameters():
                 param.copy_(named_tensors[name])
+            if self.packed:
+                pack_linear_weights(self.decoder)
