@@ -30,6 +30,16 @@ def quiet_torch(threads: int) -> None:
     logging.getLogger("alignment").setLevel(logging.WARNING)
 
 
+def bench_command(name: str, quick: bool, overrides: tuple[str, ...] = ()) -> str:
+    """The `align bench` line that reproduces a run."""
+    return " ".join([f"align bench {name}", *(["--quick"] if quick else []), *overrides])
+
+
+def script_args() -> dict:
+    """`python benchmarks/NAME.py [--quick] [KEY=VALUE ...]` as `main`'s keyword arguments."""
+    return {"quick": "--quick" in sys.argv, "overrides": tuple(a for a in sys.argv[1:] if a != "--quick")}
+
+
 def run_info(command: str, quick: bool, *packages: str) -> dict:
     """The head of every results JSON: what ran, on which code, machine and package versions."""
     import torch

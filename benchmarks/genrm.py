@@ -101,7 +101,7 @@ def main(quick: bool = False) -> None:
         cost = judge_cost(root / "rl" / "final", splits["held_out"])
 
     results = {
-        **C.run_info(f"align bench {NAME}" + (" --quick" if quick else ""), quick, "peft"),
+        **C.run_info(C.bench_command(NAME, quick), quick, "peft"),
         "task": "word worths (tests/support/verdict_task.py), tiny Llama 2x128 from scratch, 128 held-out pairs",
         "accuracy": {"after_sft": evals[0][1], "after_rl": evals[-1][1], "rl_curve": evals,
                      "bradley_terry": bt_accuracy},

@@ -63,8 +63,8 @@ import torch
 
 from benchmarks import _common as C
 from benchmarks.gear import _spec as kv_compression_spec
-from benchmarks.pmd_vs_trl_grpo import (build_ours_config, decoder_tokens, flops, old_logprob_passes,
-                                        param_counts, run_trl)
+from benchmarks.pmd_vs_trl_grpo import (build_ours_config, flops, old_logprob_passes, param_counts, run_trl,
+                                        timed_steps)
 
 NAME = "gpu_check"
 TOKENIZER = "builtin:smollm2-135m-instruct"
@@ -201,30 +201,13 @@ def run_ours(model: Path, data: Path, shapes: Shapes, device: torch.device, peak
         trainer = trainer_cls(cfg)
         params = param_counts(hf_model(trainer.model))
         trainer.sync_weights()
-        generate, rows = trainer.engine.generate, []
-
-        def recording_generate(*args, **kwargs):
-            rollouts = generate(*args, **kwargs)
-            rows[-1].update(tokens=decoder_tokens(rollouts), completion=sum(len(r) for r in rollouts.response_ids))
-            return rollouts
-
-        trainer.engine.generate = recording_generate
         reset_peak_memory(device)
-        for s in range(shapes.steps):
-            rows.append({})
-            synchronize(device)
-            t = time.perf_counter()
-            metrics = trainer.step(s)
-            synchronize(device)
-            rows[-1].update(step_s=time.perf_counter() - t, rollout_s=metrics["time/rollout_s"],
-                            train_s=metrics["time/train_s"], sync_s=metrics["time/sync_s"])
-            print(f"  ours step {s + 1}/{shapes.steps}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
-                                                                      if k.endswith("_s")), flush=True)
+        rows = timed_steps(trainer, shapes.steps, "ours", lambda: synchronize(device))
         peak = peak_allocated(device)  # weights, optimizer state and the step's activations
         del trainer
-    stats = C.summarize([r["step_s"] for r in rows], shapes.warmup)
+    stats = C.summarize([r["seconds"] for r in rows], shapes.warmup)
     step_s, steady = stats["median_s"], rows[shapes.warmup:]
-    tokens, completion = (statistics.fmean(r[k] for r in steady) for k in ("tokens", "completion"))
+    tokens, completion = (statistics.fmean(r[k] for r in steady) for k in ("decoder_tokens", "completion_tokens"))
     executed = flops(params, tokens, completion, 1 + 3 + old_logprob_passes(cfg))  # rollout, train, old log-probs
     return {"params": params, "step_s": step_s, **stats,
             "phases_median_s": {k: statistics.median(r[k] for r in steady) for k in ("rollout_s", "train_s", "sync_s")},

@@ -17,15 +17,13 @@ sync: `memory_bytes`) over the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
-import time
 
 import torch
 
 from benchmarks import _common as C
-from benchmarks.pmd_vs_trl_grpo import (THREADS, build_ours_config, decoder_tokens, flops, memory_bytes,
-                                        old_logprob_passes, param_counts)
+from benchmarks.pmd_vs_trl_grpo import (THREADS, build_ours_config, flops, memory_bytes, old_logprob_passes,
+                                        param_counts, timed_steps)
 
 NAME = "pmd_phases"
 
@@ -35,40 +33,22 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
 
     C.quiet_torch(THREADS)
     steps, warmup = (4, 2) if quick else (12, 2)
-    command = " ".join([f"align bench {NAME}", *(["--quick"] if quick else []), *overrides])
+    command = C.bench_command(NAME, quick, overrides)
     peak, bandwidth = C.matmul_peak_tflops(torch.bfloat16), C.memory_bandwidth_gbs()
     with tempfile.TemporaryDirectory(prefix="bench_phases_") as tmp:
         trainer_cls, cfg = build_ours_config(steps, 16, tmp, extra=tuple(overrides))
         trainer = trainer_cls(cfg)
         params = param_counts(hf_model(trainer.model))
         trainer.sync_weights()
-        generate, rows = trainer.engine.generate, []
-
-        def timed_generate(*args, **kwargs):
-            t = time.perf_counter()
-            out = generate(*args, **kwargs)
-            rows[-1].update(generate_s=time.perf_counter() - t, longest=max(len(r) for r in out.response_ids),
-                            tokens=decoder_tokens(out),
-                            completion=sum(len(r) for r in out.response_ids))
-            return out
-
-        trainer.engine.generate = timed_generate
-        for s in range(steps):
-            rows.append({})
-            t = time.perf_counter()
-            metrics = trainer.step(s)
-            rows[-1].update(step_s=time.perf_counter() - t, rollout_s=metrics["time/rollout_s"],
-                            train_s=metrics["time/train_s"], sync_s=metrics["time/sync_s"])
-            print(f"  step {s + 1}/{steps}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
-                                                          if k.endswith("_s")), flush=True)
+        rows = timed_steps(trainer, steps, NAME)
     steady = rows[warmup:]
-    phases = {k: statistics.median(r[k] for r in steady)
-              for k in ("step_s", "rollout_s", "generate_s", "train_s", "sync_s")}
-    phases["decode_ms_per_token"] = 1000 * statistics.median(r["generate_s"] / r["longest"] for r in steady)
-    tokens, completion = (statistics.fmean(r[k] for r in steady) for k in ("tokens", "completion"))
+    phases = {k: statistics.median(r[k] for r in steady) for k in ("rollout_s", "generate_s", "train_s", "sync_s")}
+    phases["step_s"] = statistics.median(r["seconds"] for r in steady)
+    phases["decode_ms_per_token"] = 1000 * statistics.median(r["generate_s"] / r["decode_steps"] for r in steady)
+    tokens, completion = (statistics.fmean(r[k] for r in steady) for k in ("decoder_tokens", "completion_tokens"))
     executed = flops(params, tokens, completion, 1 + 3 + old_logprob_passes(cfg))  # rollout, train, old log-probs
     bound_s = executed / (peak * 1e12)
-    moved = memory_bytes(params, statistics.fmean(r["longest"] for r in steady), cfg.train.mini_batches)
+    moved = memory_bytes(params, statistics.fmean(r["decode_steps"] for r in steady), cfg.train.mini_batches)
     roofline_s = bound_s + moved / (bandwidth * 1e9)
     print(C.table([[f"{phases['step_s']:.2f}", f"{phases['rollout_s']:.2f}", f"{phases['generate_s']:.2f}",
                     f"{phases['decode_ms_per_token']:.1f}", f"{phases['train_s']:.2f}", f"{phases['sync_s']:.2f}",
@@ -87,4 +67,4 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv, overrides=tuple(a for a in sys.argv[1:] if a != "--quick"))
+    main(**C.script_args())

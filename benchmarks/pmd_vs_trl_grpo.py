@@ -37,7 +37,6 @@ from __future__ import annotations
 import gc
 import re
 import statistics
-import sys
 import tempfile
 import time
 
@@ -154,6 +153,43 @@ def _last_number(text: str) -> str | None:
 
 
 # ---- contenders ---------------------------------------------------------------------------------
+def timed_steps(trainer, steps: int, label: str, synchronize=lambda: None) -> list[dict]:
+    """`steps` trainer steps, one row each: wall seconds (`synchronize` runs before each clock read:
+    CUDA's queue), the CPU stall, reward and loss, the trainer's phases, the engine's generate time
+    and what its rollout held (prompt, completion and decoder tokens; decode steps, the longest
+    response)."""
+    generate, rows = trainer.engine.generate, []
+
+    def recording_generate(*args, **kwargs):
+        t = time.perf_counter()
+        out = generate(*args, **kwargs)
+        rows[-1]["generate_s"] += time.perf_counter() - t
+        rows[-1].update(prompt_tokens=sum(len(p) for p in out.prompt_ids),
+                        completion_tokens=sum(len(r) for r in out.response_ids), decoder_tokens=decoder_tokens(out),
+                        decode_steps=max(len(r) for r in out.response_ids))
+        return out
+
+    trainer.engine.generate = recording_generate
+    try:
+        for s in range(steps):
+            rows.append({"step": s + 1, "generate_s": 0.0})
+            synchronize()
+            stall, t = C.cpu_stall_s(), time.perf_counter()
+            metrics = trainer.step(s)
+            synchronize()
+            row = rows[-1]
+            row.update(seconds=time.perf_counter() - t, cpu_stall_s=C.cpu_stall_s() - stall if stall is not None else None,
+                       reward_mean=metrics["reward/mean"], loss=metrics.get("loss"), rollout_s=metrics["time/rollout_s"],
+                       train_s=metrics["time/train_s"], sync_s=metrics["time/sync_s"])
+            print(f"  {label} step {s + 1}/{steps}: {row['seconds']:.2f} s  reward {row['reward_mean']:+.3f}  "
+                  f"stall {row['cpu_stall_s'] if row['cpu_stall_s'] is not None else float('nan'):.2f} s  "
+                  f"(rollout {row['rollout_s']:.2f} s, generate {row['generate_s']:.2f} s, train {row['train_s']:.2f} s, "
+                  f"sync {row['sync_s']:.2f} s)", flush=True)
+    finally:
+        trainer.engine.generate = generate
+    return rows
+
+
 def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict, config=CONFIG,
              extra: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_pmd_") as tmp:
@@ -164,47 +200,16 @@ def run_ours(steps: int, eval_size: int, evaluator: GreedyEval, params: dict, co
         trainer.sync_weights()
         own_before = trainer.evaluate().get("eval/accuracy")
 
-        captured, generate_s = [], []
-        generate = trainer.engine.generate
-
-        def recording_generate(*args, **kwargs):
-            t = time.perf_counter()
-            out = generate(*args, **kwargs)
-            generate_s.append(time.perf_counter() - t)
-            captured.append(out)
-            return out
-
-        times, stalls, per_step, loads = [], [], [], [C.load_average()]
-        for s in range(steps):
-            captured.clear()
-            generate_s.clear()
-            trainer.engine.generate = recording_generate
-            stall, t = C.cpu_stall_s(), time.perf_counter()
-            metrics = trainer.step(s)
-            times.append(time.perf_counter() - t)
-            stalls.append(C.cpu_stall_s() - stall if stall is not None else None)
-            trainer.engine.generate = generate
-            ro = captured[-1]
-            prompt_tokens = sum(len(p) for p in ro.prompt_ids)
-            completion_tokens = sum(len(r) for r in ro.response_ids)
-            per_step.append({
-                "step": s + 1, "seconds": times[-1], "cpu_stall_s": stalls[-1], "reward_mean": metrics["reward/mean"],
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "decoder_tokens": decoder_tokens(ro), "decode_steps": max(len(r) for r in ro.response_ids),
-                "rollout_s": metrics["time/rollout_s"], "generate_s": sum(generate_s),
-                "train_s": metrics["time/train_s"], "sync_s": metrics["time/sync_s"], "loss": metrics.get("loss"),
-            })
-            print(f"  ours step {s + 1}/{steps}: {times[-1]:.2f} s  reward {metrics['reward/mean']:+.3f}  "
-                  f"stall {stalls[-1] if stalls[-1] is not None else float('nan'):.2f} s  "
-                  f"(rollout {metrics['time/rollout_s']:.2f} s, train {metrics['time/train_s']:.2f} s, "
-                  f"sync {metrics['time/sync_s']:.2f} s)", flush=True)
+        loads = [C.load_average()]
+        per_step = timed_steps(trainer, steps, "ours")
         loads.append(C.load_average())
         own_after = trainer.evaluate().get("eval/accuracy")
         after = evaluator(trainer.model)
         after_lenient, correct = evaluator.last_number_accuracy, evaluator.last_correct
         del trainer
         gc.collect()
-    return {"times": times, "stalls": stalls, "per_step": per_step, "after": after, "correct": correct,
+    return {"times": [p["seconds"] for p in per_step], "stalls": [p["cpu_stall_s"] for p in per_step],
+            "per_step": per_step, "after": after, "correct": correct,
             "after_last_number": after_lenient, "overrides": list(extra),
             "setup_s": setup_s, "load_average": loads,
             "own_eval_bf16": {"before": own_before, "after": own_after},
@@ -357,7 +362,7 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     C.quiet_torch(THREADS)
 
     steps, warmup, eval_size = (3, 1, 16) if quick else (60, 2, EVAL_PROBLEMS)
-    command = " ".join([f"align bench {NAME}", *(["--quick"] if quick else []), *overrides])
+    command = C.bench_command(NAME, quick, overrides)
     print(f"{command}: {steps} steps per contender, {eval_size} held-out problems, {THREADS} threads", flush=True)
 
     _, cfg = build_ours_config(steps, eval_size, tempfile.gettempdir())
@@ -500,4 +505,4 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv, overrides=tuple(a for a in sys.argv[1:] if a != "--quick"))
+    main(**C.script_args())

@@ -100,7 +100,7 @@ def main(quick: bool = False) -> dict:
     C.quiet_torch(THREADS)
 
     steps, warmup, eval_size = (3, 1, 16) if quick else (14, 2, 64)
-    command = f"align bench {NAME}" + (" --quick" if quick else "")
+    command = C.bench_command(NAME, quick)
     print(f"{command}: {steps} steps per contender, {eval_size} held-out problems, {THREADS} threads", flush=True)
 
     peer_ppo = trl_ppo_trainer()

@@ -176,7 +176,7 @@ def main(quick: bool = False) -> dict:
     o = results["overhead"]
     print(f"routing overhead per RL step: {o['reward_s_median']:.2f} s of {o['step_s_median']:.2f} s "
           f"({100 * o['reward_over_step']:.1f} %), judge fraction {o['judge_frac']:.2f}")
-    data = {**C.run_info(f"align bench {NAME}" + (" --quick" if quick else ""), quick, "peft"), "results": results}
+    data = {**C.run_info(C.bench_command(NAME, quick), quick, "peft"), "results": results}
     written = C.write_results(NAME + (".quick" if quick else ""), data)
     if not quick:
         plot(results, C.ROOT / "benchmarks" / "routing.png")

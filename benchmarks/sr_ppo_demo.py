@@ -35,7 +35,7 @@ def main(quick: bool = False) -> dict:
 
     C.quiet_torch(THREADS)
     steps, eval_size = (2, 8) if quick else (30, 64)
-    command = f"align bench {NAME}" + (" --quick" if quick else "")
+    command = C.bench_command(NAME, quick)
     print(f"{command}: {CONFIG.name}, {steps} SR-PPO steps, {eval_size} held-out problems", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_srppo_") as out:
