@@ -123,32 +123,36 @@ def cpu_stall_s() -> float | None:
         return None
 
 
+def synchronize(device) -> None:
+    """Queued kernels finished, before a clock is read (a no-op on CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_peak_tflops(dtype, n: int = 2048, seconds: float = 1.5, trials: int = 3, device="cpu") -> float:
     """Best-of-`trials` n x n matmul throughput in TFLOP/s on `device` (on CPU: the current torch
     thread count); a GPU's queue is drained before each clock read."""
     import torch
 
-    def synchronize():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):  # kernel selection and clocks
         a @ b
-    synchronize()
+    synchronize(device)
     t = time.perf_counter()
     a @ b
-    synchronize()
+    synchronize(device)
     one = max(time.perf_counter() - t, 1e-6)
     reps = max(1, int(seconds / trials / one))
     best = float("inf")
     for _ in range(trials):
-        synchronize()
+        synchronize(device)
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
-        synchronize()
+        synchronize(device)
         best = min(best, (time.perf_counter() - t) / reps)
     return 2 * n**3 / best / 1e12
 

@@ -97,12 +97,6 @@ SHRINK = Shapes(512, {"tiny": TINY}, steps=2, warmup=1, prompts=2, samples=8, ne
 
 
 # ---- set-up -------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    """Queued kernels finished, before a clock is read (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def load_tokenizer(assets: str | None):
     """SmolLM2's tokenizer: from `--assets DIR` (prepared elsewhere), else the embedded checkpoint."""
     from transformers import AutoTokenizer
@@ -177,7 +171,7 @@ def reset_peak_memory(device: torch.device) -> int | None:
     """Start a peak-memory window; returns the bytes allocated now (None on CPU)."""
     if device.type != "cuda":
         return None
-    synchronize(device)
+    C.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device)
 
@@ -202,7 +196,7 @@ def run_ours(model: Path, data: Path, shapes: Shapes, device: torch.device, peak
         params = param_counts(hf_model(trainer.model))
         trainer.sync_weights()
         reset_peak_memory(device)
-        rows = timed_steps(trainer, shapes.steps, "ours", lambda: synchronize(device))
+        rows = timed_steps(trainer, shapes.steps, "ours", lambda: C.synchronize(device))
         peak = peak_allocated(device)  # weights, optimizer state and the step's activations
         del trainer
     stats = C.summarize([r["seconds"] for r in rows], shapes.warmup)
@@ -270,7 +264,7 @@ def measure_cache(model, tokenizer, prompts: list[list[int]], spec, new_tokens: 
     start = reset_peak_memory(device)
     t = time.perf_counter()
     rollouts = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=new_tokens, temperature=1.0, seed=3))
-    synchronize(device)
+    C.synchronize(device)
     seconds = time.perf_counter() - t
     tokens = sum(len(r) for r in rollouts.response_ids)
     return {"spec": vars(spec), "kv_bytes": rollouts.kv_bytes,
