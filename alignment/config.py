@@ -166,7 +166,10 @@ class TrainConfig:
     weight_decay: float = bounded(0.0, ge=0)
     max_grad_norm: float = bounded(1.0, gt=0)
     warmup_steps: int = bounded(0, ge=0)
-    bf16: bool = True  # bf16 autocast for matmuls; fp32 master weights and log-prob sums
+    # bf16 autocast for matmuls, fp32 master weights and log-prob sums. auto: bf16 where the device
+    # computes it natively (CUDA with bf16, CPUs with avx512_bf16 / amx_bf16), else fp32; resolved
+    # once at start (alignment/precision.py) and written resolved into config.yaml
+    bf16: bool | Literal["auto"] = "auto"
     save_every: int = bounded(0, ge=0)  # checkpoint every N steps (0: only at the end)
     eval_every: int = bounded(0, ge=0)  # held-out greedy evaluation every N steps (0: only before and after)
     log_every: int = bounded(1, ge=1)
@@ -295,6 +298,8 @@ class BaseConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arm) for arm in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, type):

@@ -26,6 +26,7 @@ import torch
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError, read_yaml, save_config, to_dict
 from alignment.logging import RunLogger, plot_report
+from alignment.precision import resolve_bf16
 from alignment.adapters import hf_model, merged_state_dict
 
 log = logging.getLogger("alignment")
@@ -64,6 +65,9 @@ class Trainer:
     def __init__(self, cfg: BaseConfig):
         """Checks what must hold before anything is loaded: the output folder and the resume."""
         self.cfg = cfg
+        # resolved before anything reads it: every consumer takes this bool, and config.yaml records it
+        self.precision = resolve_bf16(cfg.train.bf16)
+        cfg.train.bf16 = self.precision.bf16
         out = Path(cfg.output_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} is a file; expected a folder (created when missing)")
@@ -197,7 +201,11 @@ class Trainer:
         start = 0
         if self.backend.is_main:
             for key, old, new in self.resume_changes:
-                log.info("resume: %s changed: %r (checkpoint) -> %r (used from now on)", key, old, new)
+                if key == "train.bf16":  # e.g. resumed on another CPU kind under train.bf16: auto
+                    log.warning("resume: the checkpoint was trained in %s, this run continues in %s (%s)",
+                                "bf16" if old is True else "fp32", self.precision.name, self.precision.reason)
+                else:
+                    log.info("resume: %s changed: %r (checkpoint) -> %r (used from now on)", key, old, new)
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")  # what this run uses, resumed or not
         if latest is not None:

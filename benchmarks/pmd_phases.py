@@ -8,8 +8,9 @@ A quick A/B for one speed lever at a time: run it on two commits and compare the
 the step and its phases as the trainer times them (`time/rollout_s` includes the reward,
 `time/train_s` the old log-prob forward, both mini-batch updates and their optimizer steps,
 `time/sync_s` the verified weight sync), the engine's `generate` alone, its decode cost per token
-(generate time over the longest response, so prefill included), and the bf16 matmul peak measured
-in the same run with the step's bf16 bound (executed FLOPs / peak, as `pmd_vs_trl_grpo` counts them),
+(generate time over the longest response, so prefill included), and the matmul peak of the run's
+precision (bf16 where the CPU has bf16 units, else fp32: `train.bf16: auto`) measured in the same run
+with the step's bound (executed FLOPs / peak, as `pmd_vs_trl_grpo` counts them),
 and the roofline bound: that plus the bytes the memory-bound work moves (decode steps, AdamW, the
 sync: `memory_bytes`) over the copy bandwidth measured in the same run.
 """
@@ -34,10 +35,12 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     C.quiet_torch(THREADS)
     steps, warmup = (4, 2) if quick else (12, 2)
     command = C.bench_command(NAME, quick, overrides)
-    peak, bandwidth = C.matmul_peak_tflops(torch.bfloat16), C.memory_bandwidth_gbs()
     with tempfile.TemporaryDirectory(prefix="bench_phases_") as tmp:
         trainer_cls, cfg = build_ours_config(steps, 16, tmp, extra=tuple(overrides))
         trainer = trainer_cls(cfg)
+        precision = trainer.precision.name
+        peak = C.matmul_peak_tflops(torch.bfloat16 if trainer.precision.bf16 else torch.float32)
+        bandwidth = C.memory_bandwidth_gbs()
         params = param_counts(hf_model(trainer.model))
         trainer.sync_weights()
         rows = timed_steps(trainer, steps, NAME)
@@ -55,10 +58,10 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
                     f"{peak:.2f}", f"{bound_s:.2f}", f"{phases['step_s'] / bound_s:.1f}x", f"{bandwidth:.1f}",
                     f"{roofline_s:.2f}", f"{phases['step_s'] / roofline_s:.1f}x"]],
                   ["step s", "rollout s", "generate s", "decode ms/token", "train s", "sync s",
-                   "bf16 peak TFLOP/s", "bf16 bound s", "step / bound", "copy GB/s", "roofline s", "step / roofline"]))
+                   f"{precision} peak TFLOP/s", f"{precision} bound s", "step / bound", "copy GB/s", "roofline s", "step / roofline"]))
     result = {**C.run_info(command, quick), "overrides": list(overrides), "steps": steps, "warmup_steps_excluded": warmup,
-              "phases_median": phases, "bf16_peak_tflops": peak, "executed_flops_per_step": executed,
-              "bf16_bound_s": bound_s, "step_over_bound": phases["step_s"] / bound_s, "copy_gbs": bandwidth,
+              "phases_median": phases, "precision": precision, "matmul_peak_tflops": peak,
+              "executed_flops_per_step": executed, "bound_s": bound_s, "step_over_bound": phases["step_s"] / bound_s, "copy_gbs": bandwidth,
               "memory_bytes_per_step": moved, "roofline_bound_s": roofline_s,
               "step_over_roofline_bound": phases["step_s"] / roofline_s, "per_step": rows}
     path = C.write_results(NAME + (".quick" if quick else ""), result)

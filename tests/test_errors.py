@@ -61,7 +61,7 @@ OUT_OF_RANGE = [
     ("algo.advantage=median", "algo.advantage: unknown reward advantage estimator 'median' (valid: grpo, ploo, rloo)"),
     ("algo.policy_loss=dpo", "algo.policy_loss: unknown policy loss 'dpo' (valid: pmd, ppo)"),
     ("algo.kl_estimator=k4", "algo.kl_estimator: unknown KL estimator 'k4' (valid: k1, k2, k3)"),
-    ("train.bf16=maybe", "train.bf16: expected bool, got 'maybe' (str)"),
+    ("train.bf16=maybe", "train.bf16: expected bool | 'auto', got 'maybe' (str)"),
     ("rollout=3", "rollout: expected RolloutConfig, got 3 (int)"),
     *OUT_OF_RANGE,
     # renamed keys name their new spelling

@@ -151,3 +151,38 @@ def test_bf16_engine_decodes_on_packed_weights_that_follow_each_sync(setup):
     fresh = HFEngine(copy.deepcopy(trainer), tokenizer, bf16=True).generate(prompts, sampling)
     assert after.response_ids == fresh.response_ids != before.response_ids
     assert all(torch.equal(a, b) for a, b in zip(after.logprobs, fresh.logprobs))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_stale_decoder_or_stale_packed_weights_fail_the_sync_check(setup, bf16, monkeypatch):
+    """The check reads the copy that samples (a bf16 decoder, or the fp32 model on packed weights), on
+    every CPU kind: the bf16 decoder runs plain where oneDNN has no bf16, packed elsewhere."""
+    import alignment.rollout.hf as hf
+
+    tokenizer, model, prompts = setup
+    trainer = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    canary, new, old = _canary(trainer, prompts), merged_state_dict(trainer), merged_state_dict(model)
+    engine = engine_for(setup, bf16=bf16)
+    assert engine.update_weights(new, canary) < 1e-4
+    if bf16:
+        assert engine.check_decoder(canary) <= 1e-3  # a fresh decoder: measured 0 (same kernels)
+        # the decoder left behind by a load that only wrote `model`
+        with torch.no_grad():
+            for name, p in engine.decoder.named_parameters():
+                p.copy_(old[name])
+        if engine.packed:
+            hf.pack_linear_weights(engine.decoder)
+        with pytest.raises(WeightSyncError, match="bfloat16 decoder that samples differs"):
+            engine.check_decoder(canary)
+        engine.update_weights(new, canary)  # a real sync repairs it
+    if not engine.packed:
+        assert bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()  # fp32 packs wherever oneDNN runs
+        return
+    # packed weights that a load forgot to repack: the weights still hold what sampled before
+    engine.update_weights(old, _canary(model, prompts))
+    monkeypatch.setattr(hf, "pack_linear_weights", lambda model: True)
+    with pytest.raises(WeightSyncError, match="stale"):
+        engine.update_weights(new, canary)

@@ -39,6 +39,7 @@ from alignment.config import DataConfig
 from alignment.logprobs import reference_logprobs
 from alignment.models import frozen, load_causal_lm
 from alignment.online import RolloutBatch
+from alignment.precision import resolve_bf16
 from trainers.ppo import PPOConfig, PPOTrainer
 from trainers.sft import SFTConfig, SFTOptions, SFTTrainer
 
@@ -116,6 +117,7 @@ class SelfRewardingPPOTrainer(PPOTrainer):
     resume_fixed_keys = PPOTrainer.resume_fixed_keys + ("sr_ppo.sft_model",)
 
     def __init__(self, cfg: SRPPOConfig):
+        cfg.train.bf16 = resolve_bf16(cfg.train.bf16).bf16  # once, for both stages and pi_base
         sft_path = cfg.sr_ppo.sft_model or train_sft_stage(cfg)
         # the policy, its KL reference (pi_SFT) and the critic start from pi_SFT
         super().__init__(cfg, policy_path=sft_path, reward_from_config=False)

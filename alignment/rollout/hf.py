@@ -12,15 +12,17 @@ DynamicCache, or GEAR / KIVI compressed (`rollout.kv_compression`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import threading
 
 import torch
 
 from alignment.compression.gear import cache_nbytes, make_kv_cache
 from alignment.config import KVCompressionConfig
 from alignment.logprobs import pack, token_logprobs
-from alignment.rollout import RolloutEngine, Rollouts, SamplingParams, sample_seed
+from alignment.rollout import Canary, RolloutEngine, Rollouts, SamplingParams, WeightSyncError, sample_seed
 
 
 class SeededSampler:
@@ -47,19 +49,39 @@ class SeededSampler:
         return chosen.clamp_(max=cdf.shape[-1] - 1)  # rounding can put u past the last step of the cdf
 
 
+_reference = threading.local()  # set while `plain_linears()` runs the decoder on plain weights
+
+
 def _packed_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if getattr(_reference, "active", False):
+        return torch.nn.functional.linear(x, module.weight, module.bias)
     return torch.ops.mkldnn._linear_pointwise(x, module.packed_weight, module.bias, "none", [], "")
 
 
+@contextlib.contextmanager
+def plain_linears():
+    """Packed layers compute from their `weight` parameter (what the sync check compares against)."""
+    _reference.active = True
+    try:
+        yield
+    finally:
+        _reference.active = False
+
+
 def pack_linear_weights(model: torch.nn.Module) -> bool:
-    """Run a bf16 CPU model's nn.Linear layers on oneDNN-prepacked copies of their weights (again after
-    each weight load). A decode step's matmuls read every weight once for a few rows; unpacked, oneDNN
-    reorders each weight on every call: 35 -> 20 ms of matmuls per token (SmolLM2-135M, 16 rows,
-    2 AMD EPYC cores), bit-identical outputs. False where it does not apply (other devices or
-    dtypes, no oneDNN bf16)."""
+    """Run a CPU model's nn.Linear layers on oneDNN-prepacked copies of their weights (again after each
+    weight load). A decode step's matmuls read every weight once for a few rows, and the plain kernels
+    pay for it on every call: bf16 goes to oneDNN, which reorders each weight per call; fp32 goes to
+    MKL, which runs its slow generic path on AMD CPUs. Matmuls of one decode token, 16 rows,
+    SmolLM2-135M, 2 AMD EPYC cores: bf16 35 -> 20 ms (bit-identical outputs); fp32 43 -> 16 ms, and
+    52 -> 30 ms with oneDNN limited to AVX2 as on an AVX2-only CPU (outputs within ~1e-4 of MKL's).
+    False where it does not apply (other devices or dtypes, no oneDNN, bf16 without oneDNN bf16)."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    if (not linears or linears[0].weight.device.type != "cpu" or linears[0].weight.dtype != torch.bfloat16
-            or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not linears or linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    dtype = linears[0].weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or (
+            dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
     for module in linears:
         # the layout is chosen for a batch-size hint; 1..160 rows measured the same
@@ -71,14 +93,15 @@ def pack_linear_weights(model: torch.nn.Module) -> bool:
 class HFEngine(RolloutEngine):
     def __init__(self, model, tokenizer, bf16: bool = True, max_batch: int = 64,
                  kv_compression: KVCompressionConfig | None = None):
-        # `model` keeps the pushed weights at full precision: the canary check reads it. With bf16,
-        # decoding runs on a bf16 copy, rewritten from the same tensors at every load: no autocast,
-        # whose per-op casts and dispatch cost about 15% of a decode step (65 -> 56 ms per token,
-        # 16 rows, SmolLM2-135M, 2 CPU cores).
+        # `model` keeps the pushed weights at full precision; the canary compares it with the trainer.
+        # `decoder` is the copy that samples: with bf16 a bf16 copy, rewritten from the same tensors at
+        # every load (no autocast, whose per-op casts and dispatch cost about 15% of a decode step: 65 ->
+        # 56 ms per token, 16 rows, SmolLM2-135M, 2 CPU cores), else `model` itself. Either runs on
+        # packed weights where oneDNN can (`pack_linear_weights`), and each sync checks it too.
         self.model = model.eval().requires_grad_(False)
         self.model.config.use_cache = True
         self.decoder = copy.deepcopy(self.model).to(torch.bfloat16) if bf16 else self.model
-        self.packed = bf16 and pack_linear_weights(self.decoder)
+        self.packed = pack_linear_weights(self.decoder)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.kv_compression = kv_compression or KVCompressionConfig()
@@ -170,5 +193,51 @@ class HFEngine(RolloutEngine):
         if self.decoder is not self.model:
             for name, param in self.decoder.named_parameters():
                 param.copy_(named_tensors[name])
-            if self.packed:
-                pack_linear_weights(self.decoder)
+        if self.packed:
+            pack_linear_weights(self.decoder)
+
+    def update_weights(self, named_tensors, canary: Canary | None = None, tolerance: float | None = None) -> float:
+        """Load and check `model` against the trainer's canary (with fp32 decoding, `model` is the packed
+        decoder itself); a separate bf16 decoder is then checked against a fresh cast of `model`."""
+        err = super().update_weights(named_tensors, canary, tolerance)
+        if canary is not None and self.decoder is not self.model:
+            self.check_decoder(canary)
+        return err
+
+    # A decoder in sync with `model` reproduces a fresh cast of its weights: bit-identical where packed
+    # and plain bf16 both run on oneDNN, and where neither is packed (measured 0 on AMD EPYC, natively and
+    # with oneDNN limited to AVX2); 0.02 nats leaves room for other kernel orders. Left one AdamW step
+    # (lr 1e-5) behind, SmolLM2-135M's decoder was off by 0.86 nats (1.04 with AVX2 kernels), its packed
+    # weights alone by 0.77. The check costs 0.10 s per sync there (two 12-token bf16 forwards).
+    decoder_tolerance = 0.02
+
+    @torch.no_grad()
+    def check_decoder(self, canary: Canary) -> float:
+        """The copy that samples against a fresh cast of `model`'s weights, through the same graph and
+        precision: a decoder or packed weights left stale by a load fail with `WeightSyncError`."""
+        dtype = next(self.decoder.parameters()).dtype
+        fresh = {name: p.to(dtype) for name, p in self.model.named_parameters()}
+        got = self.sampling_logprobs(canary.prompt_ids, canary.response_ids)
+        with plain_linears():
+            want = self.sampling_logprobs(canary.prompt_ids, canary.response_ids, fresh)
+        err = max(float((a - b).abs().max()) for a, b in zip(got, want))
+        if not err <= self.decoder_tolerance:
+            raise WeightSyncError(
+                f"weight sync check failed: the {str(dtype).removeprefix('torch.')} decoder that samples differs "
+                f"from the synced weights by {err:.3g} nats on the canary batch > {self.decoder_tolerance:g} "
+                f"(stale decoder copy or packed weights)")
+        return err
+
+    def sampling_logprobs(self, prompt_ids, response_ids, params: dict[str, torch.Tensor] | None = None):
+        """Log-probs of given responses as the sampler computes them: the decoder's own logits, in its
+        precision, upcast to fp32; with `params`, the decoder's graph runs on those tensors instead."""
+        batch = pack(prompt_ids, response_ids, self.pad_id, self.device)
+        r_len = batch["response_mask"].shape[1]
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        if params is None:
+            logits = self.decoder(**inputs).logits
+        else:
+            logits = torch.func.functional_call(self.decoder, params, args=(), kwargs=inputs).logits
+        lp = logits[:, -r_len - 1: -1].float().log_softmax(-1)
+        lp = lp.gather(-1, batch["input_ids"][:, -r_len:, None]).squeeze(-1)
+        return [lp[i, : len(r)].cpu() for i, r in enumerate(response_ids)]
