@@ -86,20 +86,24 @@ def response_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention
     50 + 8 x 17.
     """
     split = input_ids.shape[1] - response_len - 1  # the last prompt token goes with the response
+    # One embedding lookup for both passes below: its backward builds the dense (vocab x hidden) gradient
+    # once, not once per pass plus their sum (SmolLM2-135M: 113 MB zero-filled and added per call,
+    # about 0.15 s per mini-batch in fp32 on 2 CPU cores)
+    embeds = decoder.get_input_embeddings()(input_ids)
     if split > 0:
         distinct, inverse = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0,
                                          return_inverse=True)
     if split <= 0 or len(distinct) == len(input_ids):
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
         return hidden[:, -response_len - 1: -1]
     rows = torch.arange(len(inverse), device=inverse.device)
     first = torch.zeros(len(distinct), dtype=torch.long, device=inverse.device).scatter_(0, inverse, rows)
     cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=input_ids[first, :split], attention_mask=attention_mask[first, :split],
+    decoder(inputs_embeds=embeds[first, :split], attention_mask=attention_mask[first, :split],
             position_ids=position_ids[first, :split], past_key_values=cache, use_cache=True)
     cache.reorder_cache(inverse)  # one cache row per sample: an index_select, differentiable
-    hidden = decoder(input_ids=input_ids[:, split:], attention_mask=attention_mask,
+    hidden = decoder(inputs_embeds=embeds[:, split:], attention_mask=attention_mask,
                      position_ids=position_ids[:, split:], past_key_values=cache, use_cache=True).last_hidden_state
     return hidden[:, :-1]
 

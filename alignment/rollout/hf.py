@@ -148,7 +148,8 @@ class HFEngine(RolloutEngine):
         batch = pack(prompts, [[] for _ in prompts], self.pad_id, self.device)
         p_len = batch["input_ids"].shape[1] - 1  # pack() reserves one response slot
         ids, mask = batch["input_ids"][:, :p_len], batch["attention_mask"][:, :p_len]
-        cache = make_kv_cache(self.kv_compression, self.decoder.config, left_pad=(mask == 0).sum(-1))
+        cache = make_kv_cache(self.kv_compression, self.decoder.config, left_pad=(mask == 0).sum(-1),
+                              reserve=max_new_tokens)
         if p_len > 1:
             # The n samples of a prompt share its prefill: run it once, then repeat the cache. Only
             # the cache is wanted, so the decoder runs without the LM head.
@@ -201,31 +202,30 @@ class HFEngine(RolloutEngine):
         decoder itself); a separate bf16 decoder is then checked against a fresh cast of `model`."""
         err = super().update_weights(named_tensors, canary, tolerance)
         if canary is not None and self.decoder is not self.model:
-            self.check_decoder(canary)
+            self.check_decoder(canary, self.default_tolerance if tolerance is None else tolerance)
         return err
 
-    # A decoder in sync with `model` reproduces a fresh cast of its weights: bit-identical where packed
-    # and plain bf16 both run on oneDNN, and where neither is packed (measured 0 on AMD EPYC, natively and
-    # with oneDNN limited to AVX2); 0.02 nats leaves room for other kernel orders. Left one AdamW step
-    # (lr 1e-5) behind, SmolLM2-135M's decoder was off by 0.86 nats (1.04 with AVX2 kernels), its packed
-    # weights alone by 0.77. The check costs 0.10 s per sync there (two 12-token bf16 forwards).
-    decoder_tolerance = 0.02
-
     @torch.no_grad()
-    def check_decoder(self, canary: Canary) -> float:
-        """The copy that samples against a fresh cast of `model`'s weights, through the same graph and
-        precision: a decoder or packed weights left stale by a load fail with `WeightSyncError`."""
+    def check_decoder(self, canary: Canary, tolerance: float = RolloutEngine.default_tolerance) -> float:
+        """The copy that samples against a fresh cast of `model`'s weights, through the same graph in the
+        same precision: a decoder or packed weights left stale by a load fail with `WeightSyncError`.
+
+        In sync, the two agree exactly where packed and plain bf16 both run on oneDNN, and where neither
+        is packed (measured 0 on AMD EPYC, natively and with oneDNN limited to AVX2), so the fp32
+        canary's tolerance applies: a late small update may flip only a few bf16 roundings. Left one
+        AdamW step (lr 1e-5) behind, SmolLM2-135M's decoder was off by 0.86 nats (1.04 with AVX2
+        kernels), its packed weights alone by 0.77. Costs 0.10 s per sync there (two 12-token forwards)."""
         dtype = next(self.decoder.parameters()).dtype
         fresh = {name: p.to(dtype) for name, p in self.model.named_parameters()}
         got = self.sampling_logprobs(canary.prompt_ids, canary.response_ids)
         with plain_linears():
             want = self.sampling_logprobs(canary.prompt_ids, canary.response_ids, fresh)
         err = max(float((a - b).abs().max()) for a, b in zip(got, want))
-        if not err <= self.decoder_tolerance:
+        if not err <= tolerance:
             raise WeightSyncError(
                 f"weight sync check failed: the {str(dtype).removeprefix('torch.')} decoder that samples differs "
-                f"from the synced weights by {err:.3g} nats on the canary batch > {self.decoder_tolerance:g} "
-                f"(stale decoder copy or packed weights)")
+                f"from the synced weights by {err:.3g} nats on the canary batch > tolerance {tolerance:g} (stale "
+                f"decoder copy or packed weights; rollout.sync_tolerance sets the tolerance)")
         return err
 
     def sampling_logprobs(self, prompt_ids, response_ids, params: dict[str, torch.Tensor] | None = None):
