@@ -71,7 +71,7 @@ class ModelConfig:
     path: str = ""  # local folder, hub name, or `builtin:smollm2-135m-instruct`
     trust_remote_code: bool = False
     # transformers attention kernel (sdpa, eager, flash_attention_2, ...). None: `sdpa_short_query`
-    # (alignment/attention.py: SDPA, except short bf16 queries on CPU) for the models loaded through
+    # (alignment/attention.py: SDPA, except short bf16 or fp32 queries on CPU) for the models loaded through
     # alignment.models where transformers would pick SDPA, else transformers' default.
     attn_implementation: str | None = None
 

@@ -34,14 +34,16 @@ def test_settings_are_bound_from_the_config_section_by_name():
 
 
 def test_kl_estimators_agree_on_their_mean():
-    """k1, k2 and k3 estimate the same KL(pi || ref) from samples of pi (k2 to second order)."""
+    """Under pi, k1 and k3 have KL(pi || ref) as their mean exactly, k2 to second order in log(pi / ref)
+    (2.1% over it here); means taken exactly, over the 6 tokens, not sampled."""
     torch.manual_seed(0)
-    p, q = torch.log_softmax(torch.randn(6), 0), torch.log_softmax(torch.randn(6) * 0.3, 0)
+    p = torch.log_softmax(torch.randn(6, dtype=torch.float64), 0)
+    q = torch.log_softmax(p + 0.2 * torch.randn(6, dtype=torch.float64), 0)  # near pi, as a policy to its reference
     exact = float((p.exp() * (p - q)).sum())
-    tokens = torch.multinomial(p.exp(), 200_000, replacement=True)
-    k1, k3 = (float(KL_ESTIMATORS.get(name)(p[tokens], q[tokens]).mean()) for name in ("k1", "k3"))
-    assert k1 == pytest.approx(exact, rel=0.03) and k3 == pytest.approx(exact, rel=0.03)
-    assert float(kl_k3(p[tokens], q[tokens]).min()) >= 0  # k3 is never negative
+    means = {name: float((p.exp() * KL_ESTIMATORS.get(name)(p, q)).sum()) for name in ("k1", "k2", "k3")}
+    assert means["k1"] == pytest.approx(exact, rel=1e-9) and means["k3"] == pytest.approx(exact, rel=1e-9)
+    assert means["k2"] == pytest.approx(exact, rel=0.05)
+    assert float(kl_k3(p, q).min()) >= 0 and float(kl_k3(q, p).min()) >= 0  # k3 is never negative
 
 
 def test_objective_adds_the_kl_loss_only_with_reference_logprobs():
@@ -107,5 +109,7 @@ def test_old_logprobs_come_from_the_trainer_or_the_engine(tmp_path, tiny_model, 
     else:
         half = len(batch.mask) // 2
         assert passes == [half]  # one no-grad pass, over the second mini-batch only
-        # The trainer's own numerics (bf16 autocast) against the engine's: close, not equal.
-        assert 0 < metrics["rollout/logprob_diff"] < 0.05, metrics["rollout/logprob_diff"]
+        # The trainer's own numerics against the engine's, both fp32 here (the toy recipe's train.bf16:
+        # false): a batched pass against a token-by-token decode on packed weights, close, not equal
+        # (measured 3.3e-7, 4.5e-7 with AVX2 kernels; 1.2e-3 with train.bf16=true)
+        assert 0 < metrics["rollout/logprob_diff"] < 1e-4, metrics["rollout/logprob_diff"]
