@@ -385,7 +385,8 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
 
     peaks = {"bf16_tflops": [bf16_peak()],
              "fp32_tflops": [C.matmul_peak_tflops(torch.float32)], "copy_gbs": [C.memory_bandwidth_gbs()]}
-    print(f"matmul peak (2048^3, {THREADS} threads): bf16 {peaks['bf16_tflops'][0]:.2f} TFLOP/s, "
+    bf16_label = "bf16" if precision.bf16 else "bf16 (emulated here: fp32's stands in)"
+    print(f"matmul peak (2048^3, {THREADS} threads): {bf16_label} {peaks['bf16_tflops'][0]:.2f} TFLOP/s, "
           f"fp32 {peaks['fp32_tflops'][0]:.3f} TFLOP/s; copy bandwidth {peaks['copy_gbs'][0]:.1f} GB/s", flush=True)
 
     evaluator = GreedyEval(model_path, tokenizer, eval_set, cfg.rollout.max_new_tokens)
