@@ -94,22 +94,28 @@ def native_bf16(device: str | None = None, features: CPUFeatures | None = None) 
 class Precision:
     bf16: bool
     reason: str
+    warning: str | None = None  # set where an explicit bf16 will run emulated
 
     @property
     def name(self) -> str:
         return "bf16" if self.bf16 else "fp32"
 
+    def log(self) -> None:
+        """Once the run's console is set up (`Trainer.train`)."""
+        log.info("precision: %s (%s)", self.name, self.reason)
+        if self.warning:
+            log.warning(self.warning)
+
 
 def resolve_bf16(setting: bool | str, device: str | None = None, features: CPUFeatures | None = None) -> Precision:
-    """`train.bf16` (True, False or "auto") -> the precision a run uses, logged with its reason. An
-    explicit True where bf16 is emulated still runs, with a warning."""
+    """`train.bf16` (True, False or "auto") -> the precision a run uses, with its reason. An explicit
+    True where bf16 is emulated still runs, with a warning."""
     native, why = native_bf16(device, features)
     if setting == "auto":
-        precision = Precision(native, why + ("" if native else f"; bf16 would be {EMULATED_SLOWDOWN} slower here"))
-        log.info("precision: %s (train.bf16: auto; %s)", precision.name, precision.reason)
-        return precision
+        return Precision(native, f"train.bf16: auto; {why}" + ("" if native else
+                                                             f"; bf16 would be {EMULATED_SLOWDOWN} slower here"))
     if setting is True and not native:
-        log.warning("train.bf16=true but %s: bf16 is emulated and runs %s slower than fp32 here "
-                    "(train.bf16: auto or false picks fp32)", why, EMULATED_SLOWDOWN)
-        return Precision(True, f"set explicitly; {why}")
-    return Precision(bool(setting), "set explicitly")
+        return Precision(True, f"train.bf16: true; {why}",
+                         f"train.bf16=true but {why}: bf16 is emulated and runs {EMULATED_SLOWDOWN} slower than fp32 "
+                         "here (train.bf16: auto or false picks fp32)")
+    return Precision(bool(setting), f"train.bf16: {str(bool(setting)).lower()}")

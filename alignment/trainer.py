@@ -200,6 +200,7 @@ class Trainer:
         latest = latest_checkpoint(out / "checkpoints")
         start = 0
         if self.backend.is_main:
+            self.precision.log()
             for key, old, new in self.resume_changes:
                 if key == "train.bf16":  # e.g. resumed on another CPU kind under train.bf16: auto
                     log.warning("resume: the checkpoint was trained in %s, this run continues in %s (%s)",

@@ -34,19 +34,21 @@ def test_bf16_is_native_only_with_bf16_units_that_onednn_uses(features, native):
 
 
 def test_auto_resolves_and_says_why(caplog):
+    fp32, bf16 = resolve_bf16("auto", "cpu", ZEN3), resolve_bf16("auto", "cpu", ZEN4)
+    assert (fp32.bf16, bf16.bf16, fp32.warning, bf16.warning) == (False, True, None, None)
     with caplog.at_level(logging.INFO, logger="alignment"):
-        fp32 = resolve_bf16("auto", "cpu", ZEN3)
-        bf16 = resolve_bf16("auto", "cpu", ZEN4)
-    assert (fp32.bf16, bf16.bf16) == (False, True)
+        fp32.log()
+        bf16.log()
     assert "precision: fp32 (train.bf16: auto; this CPU has no bf16 units: AVX2; bf16 would be ~5x slower here)" \
         in caplog.text
     assert "precision: bf16 (train.bf16: auto; this CPU has bf16 units: avx512_bf16)" in caplog.text
 
 
 def test_explicit_bf16_on_a_cpu_without_bf16_units_runs_with_a_warning(caplog):
+    explicit = resolve_bf16(True, "cpu", ZEN3)
+    assert explicit.bf16 is True and resolve_bf16(False, "cpu", ZEN4).bf16 is False
     with caplog.at_level(logging.INFO, logger="alignment"):
-        assert resolve_bf16(True, "cpu", ZEN3).bf16 is True
-        assert resolve_bf16(False, "cpu", ZEN4).bf16 is False
+        explicit.log()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["train.bf16=true but this CPU has no bf16 units: AVX2: bf16 is emulated and runs ~5x slower "
                         "than fp32 here (train.bf16: auto or false picks fp32)"]
@@ -85,6 +87,7 @@ def test_a_resume_on_another_cpu_kind_says_the_precision_changed(tmp_path, tiny_
     trainer_cls, cfg = build_config(str(recipe), ["resume=true", "train.max_steps=2"])
     with caplog.at_level(logging.INFO, logger="alignment"):
         trainer_cls(cfg).train()
-    assert ("resume: the checkpoint was trained in bf16, this run continues in fp32 (this CPU has no bf16 units: "
-            "AVX2; bf16 would be ~5x slower here)") in caplog.text
+    assert ("resume: the checkpoint was trained in bf16, this run continues in fp32 (train.bf16: auto; this CPU has "
+            "no bf16 units: AVX2; bf16 would be ~5x slower here)") in caplog.text
+    assert "precision: fp32 (train.bf16: auto; this CPU has no bf16 units" in caplog.text
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["bf16"] is False
