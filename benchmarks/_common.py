@@ -50,14 +50,14 @@ def run_info(command: str, quick: bool, *packages: str) -> dict:
 
 
 def machine_info() -> dict:
+    from alignment.precision import cpu_features
+
     cpu = platform.processor() or platform.machine()
-    flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
+                break
     except OSError:
         pass
     mem_gb = None
@@ -71,8 +71,7 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,
-        "amx_bf16": "amx_bf16" in flags.split(),
-        "avx512_bf16": "avx512_bf16" in flags.split(),
+        "cpu_features": cpu_features().summary(),  # what `train.bf16: auto` decides from
         "platform": platform.platform(),
         "python": sys.version.split()[0],
     }

@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from alignment.precision import cpu_features, resolve_bf16
+from alignment.precision import cpu_features, native_bf16, resolve_bf16
 from benchmarks import _common as C
 
 ROOT = C.ROOT
@@ -376,16 +376,19 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     train_set, eval_set = load_prompts(cfg.data, cfg.seed)
 
     features = cpu_features()
-    precision = resolve_bf16("auto")
+    native, why = native_bf16(features=features)
+    # ours' precision is its recipe's, after the KEY=VALUE overrides (train.bf16: auto unless overridden)
+    precision = resolve_bf16(build_ours_config(steps, eval_size, tempfile.gettempdir(), extra=tuple(overrides))[1]
+                             .train.bf16, features=features)
     print(f"CPU features: {', '.join(f'{k} {v}' for k, v in features.summary().items())}; "
           f"precision resolved for ours: {precision.name} ({precision.reason})", flush=True)
     # where bf16 is emulated, one 2048^3 bf16 matmul takes minutes: the fp32 peak stands in for it
     def bf16_peak():
-        return C.matmul_peak_tflops(torch.bfloat16 if precision.bf16 else torch.float32)
+        return C.matmul_peak_tflops(torch.bfloat16 if native else torch.float32)
 
     peaks = {"bf16_tflops": [bf16_peak()],
              "fp32_tflops": [C.matmul_peak_tflops(torch.float32)], "copy_gbs": [C.memory_bandwidth_gbs()]}
-    bf16_label = "bf16" if precision.bf16 else "bf16 (emulated here: fp32's stands in)"
+    bf16_label = "bf16" if native else "bf16 (emulated here: fp32's stands in)"
     print(f"matmul peak (2048^3, {THREADS} threads): {bf16_label} {peaks['bf16_tflops'][0]:.2f} TFLOP/s, "
           f"fp32 {peaks['fp32_tflops'][0]:.3f} TFLOP/s; copy bandwidth {peaks['copy_gbs'][0]:.1f} GB/s", flush=True)
 
@@ -401,8 +404,8 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     runs["ours"] = run_ours(steps, eval_size, evaluator, params, extra=tuple(overrides))
     for bf16 in (False, True):
         name = "trl-bf16" if bf16 else "trl-fp32"
-        if bf16 and not precision.bf16:
-            print(f"{name}: skipped, bf16 is emulated on this CPU ({precision.reason})", flush=True)
+        if bf16 and not native:
+            print(f"{name}: skipped, bf16 is emulated on this CPU ({why})", flush=True)
             continue
         print(f"{name} (TRL GRPOTrainer, bf16={bf16}):", flush=True)
         runs[name] = run_trl(bf16, steps, train_set, model_path, tokenizer, evaluator)
@@ -508,7 +511,6 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
             "ours_overrides": list(overrides),
             "params": params, "rewards": {"ours": "+1 / -1", "trl": "1 / 0"},
         },
-        "cpu_features": features.summary(),
         "precision": {"ours": precision.name, "reason": precision.reason},
         "matmul_peak": {**peaks, "size": 2048, "threads": THREADS, "doc_bf16_tflops": DOC_PEAK_BF16,
                         "doc_fp32_tflops": DOC_PEAK_FP32},
