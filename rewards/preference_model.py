@@ -55,6 +55,7 @@ ROLES = ("assistant_1", "assistant_2")  # the reference's custom chat roles for 
 class HeadOptions:
     """The model's shape and its uncertainty estimate (saved with it; `pm:` keys of the trainer)."""
 
+    # sngp: spectral-normalised GP head; mc_dropout; ensemble of heads
     uncertainty: Literal["sngp", "mc_dropout", "ensemble"] = "sngp"
     random_features: int = bounded(4096, ge=1)  # D, the GP's random Fourier features
     # W ~ N(0, rff_scale^2 / hidden_size), frozen: an inverse kernel length scale relative to the norm
@@ -72,7 +73,7 @@ class HeadOptions:
     # last: the last real token (causal LMs); first: [CLS] (encoders); auto: last when the tokenizer has
     # a chat template, else first
     pooling: Literal["auto", "last", "first"] = "auto"
-    max_length: int = bounded(512, ge=1)
+    max_length: int = bounded(512, ge=1)  # tokens of the prompt and both responses
 
 
 # ---- encoding ---------------------------------------------------------------------------------

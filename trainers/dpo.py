@@ -28,10 +28,11 @@ from alignment.offline import PairwiseTrainer
 
 @dataclass
 class DPOOptions:
+    # sigmoid: DPO; r3m: R^3M-DPO (a sparse outlier per pair, l1-penalised)
     loss: Literal["sigmoid", "r3m"] = "sigmoid"
-    beta: float = bounded(0.1, gt=0)
+    beta: float = bounded(0.1, gt=0)  # DPO's beta: the implicit KL strength to the reference
     lam: float = 0.75  # R^3M lambda in (0, 1)
-    max_length: int = bounded(512, ge=1)
+    max_length: int = bounded(512, ge=1)  # tokens of prompt + response (the prompt loses its start first)
 
 
 @dataclass

@@ -74,11 +74,11 @@ class PPOOptions:
     passes: int = bounded(2, ge=1)  # optimizer passes over each rollout batch (TRL num_ppo_epochs 4, OpenRLHF 1)
     clip: float = bounded(0.2, gt=0, lt=1)  # policy ratio clip
     value_clip: float = bounded(0.2, gt=0)  # critic: values move at most this far from their rollout-time values
-    gamma: float = bounded(1.0, ge=0, le=1)
-    lam: float = bounded(0.95, ge=0, le=1)
+    gamma: float = bounded(1.0, ge=0, le=1)  # GAE discount
+    lam: float = bounded(0.95, ge=0, le=1)  # GAE lambda
     whiten_advantages: bool = True  # over the global batch's response tokens
     whiten_rewards: bool = False  # sequence scores to zero mean, unit std over the global batch
-    critic_lr: float = bounded(1e-5, gt=0)
+    critic_lr: float = bounded(1e-5, gt=0)  # the critic's own AdamW learning rate
     critic_model: str | None = None  # critic backbone; None: the policy's initial model
 
 

@@ -46,7 +46,7 @@ log = logging.getLogger("alignment")
 
 @dataclass
 class PMOptions(HeadOptions):
-    loss: Literal["bt", "r3m"] = "bt"
+    loss: Literal["bt", "r3m"] = "bt"  # bt: Bradley-Terry; r3m: R^3M (sparse outliers, l1-penalised MLE)
     lam: float = 0.75  # R^3M lambda in (0, 1)
     both_orders: bool = True  # every pair also shown with A and B swapped
     # transformer layers of the backbone that are trained, counted from the top; the embeddings and the

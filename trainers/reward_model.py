@@ -26,10 +26,10 @@ from rewards.reward_model import MAX_LENGTH_KEY, RewardForward, encode_for_rewar
 
 @dataclass
 class RMOptions:
-    loss: Literal["bt", "r3m"] = "bt"
+    loss: Literal["bt", "r3m"] = "bt"  # bt: Bradley-Terry; r3m: R^3M (sparse outliers, l1-penalised MLE)
     lam: float = 0.75  # R^3M lambda in (0, 1): pairs with margin < log(1/lam - 1) are flagged
     margin_scale: float = bounded(0.0, ge=0)  # > 0: ask for r_chosen - r_rejected > margin_scale * strength
-    max_length: int = bounded(512, ge=1)
+    max_length: int = bounded(512, ge=1)  # tokens of prompt + response
 
 
 @dataclass

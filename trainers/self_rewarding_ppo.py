@@ -51,10 +51,10 @@ class SFTStage:
     """Stage 1, run when `sr_ppo.sft_model` is not set: SFT of `model.path` on demonstrations."""
 
     data: DataConfig = field(default_factory=DataConfig)  # {"prompt", "completion"} or {"messages"} rows
-    epochs: float = 3.0
-    lr: float = 1e-4
-    batch_size: int = 8
-    max_length: int = 512
+    epochs: float = 3.0  # stage 1 (SFT): epochs over the demonstrations
+    lr: float = 1e-4  # stage 1: learning rate
+    batch_size: int = 8  # stage 1: demonstrations per step
+    max_length: int = 512  # stage 1: tokens of prompt + completion
 
 
 @dataclass

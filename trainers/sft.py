@@ -24,7 +24,7 @@ from alignment.algos import masked_mean
 
 @dataclass
 class SFTOptions:
-    max_length: int = 1024
+    max_length: int = 1024  # tokens of prompt + completion; the loss is on the completion only
 
 
 @dataclass

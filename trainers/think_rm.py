@@ -52,7 +52,7 @@ log = logging.getLogger("alignment")
 class ThinkRMOptions:
     # None: as saved with model.path (genrm.json), else binary / prefilled / the default criteria
     verdict: Literal["binary", "multiclass"] | None = None
-    think_prefill: bool | None = None
+    think_prefill: bool | None = None  # open the reply with "<think>\n"
     criteria: str = ""  # the judging criteria ("": the six HelpSteer2-style criteria)
 
 
