@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from alignment.adapters import AdaLoRABudget, find_adalora
 from alignment.config import ConfigError, TrainConfig
+from alignment.recompute import enable_gradient_checkpointing
 
 
 def _free_port() -> int:
@@ -88,9 +89,16 @@ class Backend:
     with its mean loss, then one `step()`: the gradient is the average over the micro-batches. An
     AdaLoRA model's budget is driven at every `step()` and its orthogonality penalty is added to
     every loss (alignment/adapters.py).
+
+    The learning rate follows `train.lr_scheduler` (transformers' `get_scheduler`: constant, linear or
+    cosine decay after a linear warmup from 0 over `train.warmup_steps`) over `total_steps`, the run's
+    optimizer steps (Trainer.total_updates). The same LambdaLR object is stepped by us (plain torch,
+    DDP) or handed to `deepspeed.initialize`, which steps it at each gradient-accumulation boundary;
+    its position is checkpointed either way. `train.gradient_checkpointing` is turned on here, for
+    every transformers model inside `module` (alignment/recompute.py).
     """
 
-    def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int):
+    def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int, total_steps: int | None = None):
         ds_path = deepspeed_config_path(train)
         self.rank, self.world_size = init_distributed(ds_path is not None)
         self.is_main = self.rank == 0
@@ -98,11 +106,12 @@ class Backend:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         self.module = module.to(self.device)
+        if train.gradient_checkpointing:
+            enable_gradient_checkpointing(module)
         self.params = [p for p in module.parameters() if p.requires_grad]
         # fused: one pass over parameters, gradients and moments (CPU and GPU kernels in torch >= 2.4).
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
-        warmup = max(1, train.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = make_scheduler(self.optimizer, train, total_steps)
         self.deepspeed = None
         self.engine = module
         self.accumulation = train.gradient_accumulation_steps
@@ -246,6 +255,24 @@ class Backend:
             self.scheduler.base_lrs[i] = group["initial_lr"] = self.train.lr
             group["lr"] = self.train.lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
             group["weight_decay"] = self.train.weight_decay
+
+
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig,
+                   total_steps: int | None) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.lr_scheduler` after `train.warmup_steps`, as transformers defines it: the lr factor after k
+    optimizer steps is k / warmup during the warmup, then 1 (constant), (T - k) / (T - warmup) (linear)
+    or (1 + cos(pi (k - warmup) / (T - warmup))) / 2 (cosine), with T = `total_steps`."""
+    from transformers import get_scheduler
+
+    if total_steps is None:
+        if train.lr_scheduler != "constant":
+            raise ValueError(f"train.lr_scheduler={train.lr_scheduler} needs the run's total optimizer steps")
+        total_steps = train.warmup_steps + 1
+    return get_scheduler(SCHEDULERS[train.lr_scheduler], optimizer, num_warmup_steps=train.warmup_steps,
+                         num_training_steps=total_steps)
 
 
 def load_tensors(path: str | Path, map_location=None, allowed: list[type] = ()):

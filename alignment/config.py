@@ -236,7 +236,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
     save_total_limit: int | None = bounded(None, ge=1)  # keep the newest N step-N checkpoints (None: all)
     # trackers that get the config, metrics and sample tables, any of tensorboard, wandb, mlflow, trackio
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
     log_samples_every: int = bounded(10, ge=0)  # write samples.jsonl every N steps (0: never)
 
 

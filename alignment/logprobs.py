@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import DynamicCache
 
 from alignment.adapters import hf_model
+from alignment.recompute import PromptCache
 
 
 def autocast(bf16: bool):
@@ -99,10 +99,12 @@ def response_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention
         return hidden[:, -response_len - 1: -1]
     rows = torch.arange(len(inverse), device=inverse.device)
     first = torch.zeros(len(distinct), dtype=torch.long, device=inverse.device).scatter_(0, inverse, rows)
-    cache = DynamicCache(config=decoder.config)
+    # PromptCache: the prompt pass stores, the response pass only reads, so a checkpointed layer's
+    # recompute (train.gradient_checkpointing, alignment/recompute.py) sees the same cache
+    prompt_cache = PromptCache()
     decoder(inputs_embeds=embeds[first, :split], attention_mask=attention_mask[first, :split],
-            position_ids=position_ids[first, :split], past_key_values=cache, use_cache=True)
-    cache.reorder_cache(inverse)  # one cache row per sample: an index_select, differentiable
+            position_ids=position_ids[first, :split], past_key_values=prompt_cache, use_cache=True)
+    cache = prompt_cache.for_rows(inverse)  # one cache row per sample: an index_select, differentiable
     hidden = decoder(inputs_embeds=embeds[:, split:], attention_mask=attention_mask,
                      position_ids=position_ids[:, split:], past_key_values=cache, use_cache=True).last_hidden_state
     return hidden[:, :-1]

@@ -39,7 +39,7 @@ class OfflineTrainer(Trainer):
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = self.load_data()
         self.model = self.build_model()
-        self.backend = Backend(self.module, cfg.train, cfg.train.batch_size)
+        self.backend = Backend(self.module, cfg.train, cfg.train.batch_size, self.total_updates)
         self.rank, self.world = self.backend.rank, self.backend.world_size
         setup_console(self.backend.is_main)
         if cfg.train.batch_size % (self.world * self.backend.accumulation):

@@ -18,7 +18,9 @@ the world size, and (sampling being seeded per prompt) N processes reproduce one
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,7 +30,7 @@ import torch
 from alignment.algos import kl_k3, masked_mean
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError
-from alignment.data import Example, encode_prompt, step_indices
+from alignment.data import Example, cap_prompt_length, encode_prompt, step_indices
 from alignment.logging import setup_console
 from alignment.adapters import apply_peft, merged_state_dict
 from alignment.logprobs import PolicyModel, pack, reference_logprobs, token_logprobs
@@ -54,6 +56,7 @@ class RolloutBatch:
     stats: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. by the reward)
     # (B,) each reward function's value per sample, by name (NaN where a function did not score it)
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = -1  # the trainer step that rolled it out (-1: a held-out evaluation's batch)
 
     def rows(self, rows: slice) -> dict[str, torch.Tensor]:
         return {key: value[rows] for key, value in self.inputs.items()}
@@ -78,6 +81,22 @@ class TextReward:
 
     def __call__(self, batch: RolloutBatch) -> torch.Tensor:
         return torch.tensor(self.fn(batch.samples, batch.texts), dtype=torch.float32, device=batch.mask.device)
+
+
+def stopped_at_length(rollouts: Rollouts, max_new_tokens: int, eos_token_id: int | None) -> list[bool]:
+    """Per sample, whether its response was cut at `max_new_tokens` (the engine's finish reason where it
+    gives one, else a full-length response that does not end with EOS)."""
+    if len(rollouts.finish_reasons) == len(rollouts.response_ids):
+        return [reason == "length" for reason in rollouts.finish_reasons]
+    return [len(ids) >= max_new_tokens and (not ids or ids[-1] != eos_token_id) for ids in rollouts.response_ids]
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
 
 
 class StepTimer:
@@ -126,15 +145,21 @@ class OnlineTrainer(Trainer):
         `encode(prompt) -> token ids` defaults to the chat template (`data.chat_template`)."""
         cfg = self.cfg
         self.encode = encode or (lambda prompt: encode_prompt(self.tokenizer, prompt, cfg.data.chat_template))
+        # data.max_prompt_length: long prompts dropped, cut from the left by self.encode, or an error (before
+        # any model is copied)
+        self.encode, self.train_set, self.eval_set, cap_line = cap_prompt_length(
+            cfg.data, self.encode, self.train_set, getattr(self, "eval_set", []))
         engine_lm = copy.deepcopy(lm) if cfg.rollout.backend == "hf" else None
         lm = apply_peft(lm, cfg.peft, self.total_updates)
         lm.eval()  # no dropout: training and rollout log-probs must describe the same policy
         self.model = lm
         self.policy = PolicyModel(lm, cfg.train.bf16)
         self.mini_batch_rows = cfg.train.batch_size // cfg.train.mini_batches * cfg.rollout.n  # global
-        self.backend = Backend(self.policy, cfg.train, self.mini_batch_rows)
+        self.backend = Backend(self.policy, cfg.train, self.mini_batch_rows, self.total_updates)
         self.rank, self.world = self.backend.rank, self.backend.world_size
         setup_console(self.backend.is_main)
+        if cap_line:
+            log.info(cap_line)
         per_mini = cfg.train.batch_size // cfg.train.mini_batches
         if per_mini % self.world or (per_mini // self.world * cfg.rollout.n) % self.backend.accumulation:
             raise ConfigError(
@@ -176,7 +201,9 @@ class OnlineTrainer(Trainer):
         rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
                                         prompt_uids=positions)
         self.engine.sleep()
-        return self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
+        batch = self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
+        batch.step = step
+        return batch
 
     def make_batch(self, samples: list[Example], rollouts: Rollouts) -> RolloutBatch:
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
@@ -282,9 +309,51 @@ class OnlineTrainer(Trainer):
         if batch.rewards is not None:
             metrics["reward/mean"] = float(batch.rewards.mean())
             metrics["reward/std"] = float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0
+        clipped = stopped_at_length(batch.rollouts, self.cfg.rollout.max_new_tokens, self.tokenizer.eos_token_id)
+        metrics["response_length/clipped_frac"] = sum(clipped) / max(len(clipped), 1)
         if self.cfg.rollout.kv_compression.type != "none":
             metrics["gear/kv_bytes"] = float(batch.rollouts.kv_bytes)
+        every = self.cfg.train.log_samples_every
+        if every and batch.step >= 0 and (batch.step + 1) % every == 0:
+            self.gather_samples("samples", self.sample_rows(batch))
         return self.backend.mean(metrics)
+
+    # ---- samples (samples.jsonl, eval_samples.jsonl, the trackers' tables) ----------------------
+    def sample_rows(self, batch: RolloutBatch, checks: dict[str, list[float]] | None = None) -> list[dict]:
+        """One dict per sample of this rank's batch: prompt, response, reward and each reward function's
+        value (`reward/<name>`, null where it did not score the sample), the advantage (the mean over the
+        response's tokens where it is per token), response tokens and finish reason; `checks` add
+        per-sample held-out checks."""
+        def number(values: torch.Tensor, i: int) -> float | None:
+            value = float(values[i])
+            return value if math.isfinite(value) else None
+
+        advantages = batch.advantages
+        if advantages is not None and advantages.dim() == 2:
+            advantages = (advantages.float() * batch.mask).sum(-1) / batch.mask.sum(-1).clamp(min=1)
+        clipped = stopped_at_length(batch.rollouts, self.cfg.rollout.max_new_tokens, self.tokenizer.eos_token_id)
+        rows = []
+        for i, (example, text) in enumerate(zip(batch.samples, batch.texts)):
+            row = {"prompt": example.prompt, "response": text}
+            if example.answer is not None:
+                row["answer"] = _jsonable(example.answer)
+            if batch.rewards is not None:
+                row["reward"] = number(batch.rewards, i)
+            row.update({f"reward/{name}": number(values, i) for name, values in batch.reward_parts.items()})
+            if advantages is not None:
+                row["advantage"] = number(advantages, i)
+            row.update({name: values[i] for name, values in (checks or {}).items()})
+            row["response_tokens"] = len(batch.rollouts.response_ids[i])
+            row["finish_reason"] = "length" if clipped[i] else "stop"
+            rows.append(row)
+        return rows
+
+    def gather_samples(self, name: str, rows: list[dict]) -> None:
+        """Every rank's rows (each holds its share of the prompts), gathered in rank order to the main
+        rank, which writes them all (every rank calls)."""
+        everyone = self.backend.gather(rows)
+        if self.backend.is_main:
+            self.add_samples(name, [row for part in everyone for row in part])
 
     # ---- held-out evaluation ------------------------------------------------------------------
     @torch.no_grad()
@@ -297,11 +366,16 @@ class OnlineTrainer(Trainer):
         sums = {"count": float(len(shard)), **{name: 0.0 for name in self.eval_checks}}
         if self.reward is not None:
             sums["reward"] = 0.0
+        rows = []
         if shard:
             sampling = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
             batch = self.make_batch(shard, self.engine.generate([self.encode(e.prompt) for e in shard], sampling))
             if self.reward is not None:
-                sums["reward"] = float(self.reward(batch).sum())
-            for name, check in self.eval_checks.items():
-                sums[name] = float(sum(check(e, t) for e, t in zip(shard, batch.texts)))
+                batch.rewards = self.reward(batch)
+                sums["reward"] = float(batch.rewards.sum())
+            checks = {name: [float(check(e, t)) for e, t in zip(shard, batch.texts)]
+                      for name, check in self.eval_checks.items()}
+            sums.update({name: sum(values) for name, values in checks.items()})
+            rows = self.sample_rows(batch, checks)
+        self.gather_samples("eval_samples", rows)  # every evaluation's greedy responses
         return held_out_means(self.backend, sums)

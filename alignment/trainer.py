@@ -8,9 +8,21 @@ and before the first step (the online trainers push weights to their engine ther
 at the end for method-specific outputs (R^3M's outliers.jsonl), and `save_extra` / `load_extra`
 with each checkpoint for what the model and backend do not hold (PPO's critic).
 
-Resume (`resume=true`) compares the new config with the checkpoint's (`<output_dir>/config.yaml` and
-the checkpoint's `trainer_state.json`): a changed key of `resume_fixed_keys` refuses, any other
-change is logged and the new value is used (the optimizer's restored lr and weight decay included).
+Resume (`resume=true`: the newest checkpoint of output_dir; `resume=PATH`: that `step-N` folder,
+absolute or relative to the working directory) compares the new config with the checkpoint's (its
+`config.yaml`, or `<output_dir>/config.yaml` for checkpoints written before step-N folders held one,
+and its `trainer_state.json`): a changed key of `resume_fixed_keys` refuses, any other change is
+logged and the new value is used (the optimizer's restored lr and weight decay included).
+
+resume=PATH rewinds: checkpoints of output_dir past PATH's step belong to the continuation being
+replaced, so they are moved aside to `checkpoints/step-M.superseded` (kept, with a warning; never picked
+by resume=true nor counted by `train.save_total_limit`), as metrics.jsonl drops its rows past the step.
+
+`checkpoints/step-N` holds the training state in fp32 (weights, optimizer, scheduler: resume is
+exact), the tokenizer and the config; `train.save_total_limit` keeps the newest N of them. `final/`
+holds the model in its source dtype (the `dtype` of the loaded model's config.json, as TRL saves it:
+bf16 for a bf16 hub model; fp32 for fp32 ones) with the tokenizer; PEFT runs add their adapters (fp32,
+PEFT's own convention) under `final/adapter`.
 """
 
 from __future__ import annotations
@@ -25,17 +37,54 @@ import torch
 
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError, read_yaml, save_config, to_dict
-from alignment.logging import RunLogger, plot_report
+from alignment.logging import RunLogger, check_trackers, plot_report
 from alignment.precision import resolve_bf16
 from alignment.adapters import hf_model, merged_state_dict
 
 log = logging.getLogger("alignment")
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """Newest complete checkpoint; `.tmp` folders are incomplete and ignored."""
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; `.tmp` (incomplete) and `.superseded` folders are not."""
     done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """Newest complete checkpoint."""
+    done = checkpoints(root)
+    return done[-1] if done else None
+
+
+def checkpoint_folder(path: str) -> Path:
+    """`resume=PATH`: a complete `step-N` checkpoint folder, or a ConfigError that says what PATH is."""
+    folder = Path(path).expanduser().absolute()
+    hint = "expected a checkpoint folder <output_dir>/checkpoints/step-N (or resume=true for the newest one)"
+    if not folder.exists():
+        raise ConfigError(f"resume: {path} does not exist; {hint}")
+    if not folder.is_dir():
+        raise ConfigError(f"resume: {path} is a file; {hint}")
+    if folder.name.endswith(".tmp"):
+        raise ConfigError(f"resume: {path} is an incomplete checkpoint (a run died while writing it); {hint}")
+    if not (folder / "trainer_state.json").is_file():
+        inside = latest_checkpoint(folder / "checkpoints")
+        also = f" (it looks like a run folder: its newest checkpoint is {inside})" if inside else ""
+        raise ConfigError(f"resume: {path} is not a checkpoint folder: it has no trainer_state.json{also}; {hint}")
+    return folder
+
+
+def source_dtype(model) -> torch.dtype | None:
+    """The dtype the loaded model's own config.json names (`dtype`, or `torch_dtype` before
+    transformers 5); None when it cannot be read (a model built in code)."""
+    from transformers import PretrainedConfig
+
+    try:
+        values, _ = PretrainedConfig.get_config_dict(model.config._name_or_path)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    name = values.get("dtype") or values.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -72,6 +121,8 @@ class Trainer:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} is a file; expected a folder (created when missing)")
         self.resume_changes = self.check_resume()
+        check_trackers(cfg.train.report_to)  # a tracker's missing package fails now, not after loading
+        self.pending_samples: dict[str, list[dict]] = {}  # sample tables for the run's logger, by name
         torch.manual_seed(cfg.seed)
 
     def step(self, step: int) -> dict[str, float]:
@@ -80,20 +131,30 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return {}
 
+    def add_samples(self, name: str, rows: list[dict]) -> None:
+        """Rows (one dict per sample, JSON values) for `<output_dir>/<name>.jsonl` and the trackers' table
+        `name`, written at the current step by the run (samples from `step`, eval_samples from `evaluate`)."""
+        self.pending_samples.setdefault(name, []).extend(rows)
+
     # keys a checkpoint cannot be resumed under once changed: its weights' shapes or meaning depend on them
     resume_fixed_keys: tuple[str, ...] = ("trainer", "model.path", "peft.type", "peft.r", "peft.target_modules",
                                           "peft.init_r")
 
     def check_resume(self) -> list[tuple[str, Any, Any]]:
-        """(key, checkpoint's value, new value) of each config key changed since the newest checkpoint
-        was written; refuses a changed `resume_fixed_keys` key, and checkpoints without resume=true."""
-        latest = latest_checkpoint(Path(self.cfg.output_dir) / "checkpoints")
+        """(key, checkpoint's value, new value) of each config key changed since the checkpoint this run
+        continues from (`self.resume_from`) was written; refuses a changed `resume_fixed_keys` key, a
+        resume=PATH that is no checkpoint, and checkpoints without resume=true."""
+        resume = self.cfg.resume
+        self.resume_from = latest = (checkpoint_folder(resume) if isinstance(resume, str) and resume
+                                     else latest_checkpoint(Path(self.cfg.output_dir) / "checkpoints"))
         if latest is None:
             return []
-        if not self.cfg.resume:
+        if not resume:
             raise ConfigError(f"{self.cfg.output_dir} already holds checkpoints ({latest.name}): pass resume=true to "
                               f"continue it, or choose another output_dir")
-        saved_path = Path(self.cfg.output_dir) / "config.yaml"
+        saved_path = latest / "config.yaml"
+        if not saved_path.is_file():  # written before checkpoints held their config: the run's
+            saved_path = latest.parent.parent / "config.yaml"
         saved = _flat(read_yaml(saved_path)) if saved_path.is_file() else {}
         state_path = latest / "trainer_state.json"
         try:
@@ -148,12 +209,30 @@ class Trainer:
         self.backend.save_state(tmp)
         self.save_extra(tmp)
         if self.backend.is_main:
+            self.tokenizer.save_pretrained(tmp)
+            save_config(self.cfg, tmp / "config.yaml")
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "trainer": self.cfg.trainer, "world_size": self.backend.world_size,
                  "backend": self.backend.kind}))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            limit = self.cfg.train.save_total_limit
+            for old in checkpoints(root)[:-limit] if limit else []:  # only once the new one is complete
+                shutil.rmtree(old)
         self.backend.barrier()
+
+    def supersede_later_checkpoints(self, step: int) -> None:
+        """resume=PATH: move output_dir's checkpoints past `step` aside (main rank; see the module doc)."""
+        for later in checkpoints(Path(self.cfg.output_dir) / "checkpoints"):
+            if int(later.name[5:]) > step:
+                aside = later.with_name(f"{later.name}.superseded")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = later.with_name(f"{later.name}.superseded-{n}")
+                later.rename(aside)
+                log.warning("resume: %s is past the resumed checkpoint (step %d): moved aside to %s", later, step,
+                            aside.name)
 
     def load_checkpoint(self, folder: Path) -> int:
         if self.backend.deepspeed is None:
@@ -179,10 +258,18 @@ class Trainer:
         tmp = out.with_name("final.tmp")
         if self.backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        base = hf_model(self.model)
+        dtype = source_dtype(base)
         with self.backend.gathered():
             state = merged_state_dict(self.model)
             if self.backend.is_main:
-                hf_model(self.model).save_pretrained(tmp, state_dict=state)
+                if dtype is not None and dtype != torch.float32:  # the master weights are fp32
+                    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+                base.save_pretrained(tmp, state_dict=state)
+                if dtype is not None:  # save_pretrained records the in-memory (fp32) dtype
+                    trained_dtype, base.config.dtype = base.config.dtype, dtype
+                    base.config.save_pretrained(tmp)
+                    base.config.dtype = trained_dtype
                 self.tokenizer.save_pretrained(tmp)
                 if self.cfg.peft.type != "none":
                     self.model.save_pretrained(tmp / "adapter")
@@ -197,7 +284,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         out = Path(cfg.output_dir)
-        latest = latest_checkpoint(out / "checkpoints")
+        latest = self.resume_from
         start = 0
         if self.backend.is_main:
             self.precision.log()
@@ -210,26 +297,42 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")  # what this run uses, resumed or not
         if latest is not None:
+            if self.backend.is_main and isinstance(cfg.resume, str):
+                self.supersede_later_checkpoints(json.loads((latest / "trainer_state.json").read_text())["step"])
+            self.backend.barrier()
             start = self.load_checkpoint(latest)
             log.info("resumed from %s", latest)
         self.start()
         total = self.max_steps
-        logger = RunLogger(out, self.backend.is_main, start, total)
+        logger = RunLogger(out, self.backend.is_main, start, total, cfg.train.report_to, to_dict(cfg))
+
+        def write_samples(step: int) -> None:
+            for name, rows in self.pending_samples.items():
+                logger.samples(name, step, rows)
+            self.pending_samples = {}
+
         first_eval = {}
+        self.pending_samples = {}
         if start == 0:
             first_eval = self.evaluate()
             if first_eval:
                 logger.log(0, first_eval, advance=False)
+            write_samples(0)
             if "eval/accuracy" in first_eval:
                 log.info("held-out accuracy before training: %.3f", first_eval["eval/accuracy"])
         metrics: dict[str, float] = {}
         for step in range(start, total):
-            metrics = {**self.step(step), **self.backend.stats()}
+            # every step's metrics go to the logger, which writes their mean at each log_every point
+            logger.add({**self.step(step), **self.backend.stats()})
             done = step + 1
+            evals = {}
             if done == total or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
-                metrics.update(self.evaluate())
+                evals = self.evaluate()  # logged at the step it is computed, never averaged
             if done % cfg.train.log_every == 0 or done == total:
-                logger.log(done, metrics)
+                metrics = logger.flush(done, evals)
+            elif evals:
+                logger.log(done, evals, advance=False)
+            write_samples(done)
             if done == total or (cfg.train.save_every and done % cfg.train.save_every == 0):
                 self.save_checkpoint(done)
         logger.close()

@@ -1,56 +1,45 @@
-"""What produces a reward signal. `build_reward(cfg.reward)` -> fn(examples, responses) -> list[float]."""
+"""What produces a reward signal.
+
+`batch_reward(cfg)`: the reward an online trainer calls on each rollout batch (the batch in, one float
+per sample out): TRL-style reward functions (`reward.type: python`, rewards/functions.py) see the whole
+batch (completion ids, the chat format, the data rows); the other types score text through
+`build_reward(cfg.reward)` -> fn(examples, responses) -> list[float].
+"""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import math
-from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from alignment.config import ConfigError, RewardConfig
+from alignment.config import BaseConfig, ConfigError, RewardConfig
 from alignment.data import Example
+from rewards.functions import PythonRewards, load_function  # noqa: F401 - load_function: the public name
 from rewards.remote import RemoteReward
 from rewards.verifiable import VerifiableReward
+
+if TYPE_CHECKING:
+    from alignment.online import BatchReward
 
 RewardFn = Callable[[list[Example], list[str]], list[float]]
 
 
-def load_function(spec: str) -> Callable:
-    """`path/to/file.py:name` or `package.module:name`."""
-    if ":" not in spec:
-        raise ConfigError(f"reward.function: expected 'file.py:name' or 'module:name', got {spec!r}")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        if not Path(where).is_file():
-            raise ConfigError(f"reward.function: file not found: {where}")
-        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward.function: {where} has no callable {name!r}")
-    return fn
+class ModelReward:
+    """`reward.type: model`: a sequence-classification reward model scored in-process, by the scorer
+    `align serve-rm` answers with (rewards/reward_model.py: its own tokenizer and chat template, the
+    length it was trained at), `reward.batch_size` pairs per forward."""
 
+    def __init__(self, cfg: RewardConfig):
+        from alignment.models import resolve_path
+        from rewards.preference_model import is_preference_model
+        from rewards.reward_model import RewardScorer
 
-class PythonReward:
-    """A user function `fn(prompts, responses, answers) -> list[float]` (TRL / OpenRLHF style)."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.fn = load_function(spec)
+        path = resolve_path(cfg.model, "reward.model")
+        if is_preference_model(path):
+            raise ConfigError(f"reward.model: {cfg.model} is a pairwise preference model (trainer: preference_model), "
+                              "which scores pairs: use it with reward.type=routed (reward.preference_model)")
+        self.scorer = RewardScorer.from_dir(path, batch_size=cfg.batch_size)
 
     def __call__(self, examples: list[Example], responses: list[str]) -> list[float]:
-        values = self.fn([e.prompt for e in examples], responses, [e.answer for e in examples])
-        values = [float(v) for v in values]
-        if len(values) != len(responses):
-            raise ValueError(f"reward function {self.spec} must return one float per response "
-                             f"({len(responses)}), got {len(values)} values")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"reward function {self.spec} returned a non-finite reward: {values}")
-        return values
+        return self.scorer.score([e.prompt for e in examples], responses)
 
 
 def answers_needed(cfg: RewardConfig) -> str | None:
@@ -69,6 +58,15 @@ def build_reward(cfg: RewardConfig) -> RewardFn:
     if cfg.type == "none":
         raise ConfigError("reward.type=none gives no reward: only trainer: pairwise_rlhf (whose judge compares the "
                           "responses) accepts it")
-    if not cfg.function:
-        raise ConfigError("reward.function: required with reward.type=python")
-    return PythonReward(cfg.function)
+    if cfg.type == "model":
+        return ModelReward(cfg)
+    raise ConfigError("reward.type=python: its functions score rollout batches; build it with batch_reward(cfg)")
+
+
+def batch_reward(cfg: BaseConfig) -> BatchReward:
+    """The reward of an online trainer's recipe: TRL-style functions on the batch, or a text reward."""
+    from alignment.online import TextReward  # the online toolbox only where a trainer asks
+
+    if cfg.reward.type == "python":
+        return PythonRewards(cfg.reward, max_steps=cfg.train.max_steps)
+    return TextReward(build_reward(cfg.reward))

@@ -22,8 +22,8 @@ from alignment.algos import REWARD_ADVANTAGES, PolicyObjective
 from alignment.config import AlgoConfig, BaseConfig
 from alignment.data import load_prompts
 from alignment.models import load_causal_lm, load_tokenizer, reference_model
-from alignment.online import OnlineTrainer, StepTimer, TextReward, require_groups
-from rewards import answers_needed, build_reward
+from alignment.online import OnlineTrainer, StepTimer, require_groups
+from rewards import answers_needed, batch_reward
 from rewards.verifiable import accuracy_checks
 
 
@@ -46,7 +46,7 @@ class GRPOTrainer(OnlineTrainer):
         self.objective = PolicyObjective.from_config(cfg.algo)
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = data or load_prompts(cfg.data, cfg.seed, answers_needed(cfg.reward))
-        self.reward = reward or TextReward(build_reward(cfg.reward))
+        self.reward = reward or batch_reward(cfg)
         self.eval_checks = accuracy_checks(self.eval_set) if eval_checks is None else eval_checks
         lm = load_causal_lm(cfg.model)
         self.reference = reference_model(lm, cfg.peft) if cfg.algo.kl_coef > 0 else None

@@ -33,8 +33,8 @@ from alignment.algos import PREFERENCE_ADVANTAGES, PolicyObjective
 from alignment.config import AlgoConfig, BaseConfig, ConfigError
 from alignment.data import in_both_orders, load_prompts
 from alignment.models import load_causal_lm, load_tokenizer, reference_model
-from alignment.online import OnlineTrainer, RolloutBatch, StepTimer, TextReward, require_groups
-from rewards import answers_needed, build_reward
+from alignment.online import OnlineTrainer, RolloutBatch, StepTimer, require_groups
+from rewards import answers_needed, batch_reward
 from rewards.generative import GenRMFormat, pair_strength
 from rewards.judges import Judgement, build_judge
 from rewards.verifiable import accuracy_checks
@@ -71,7 +71,7 @@ class PairwiseRLHFTrainer(OnlineTrainer):
             if answers_needed(cfg.reward) and any(e.answer is None and e.entry is None for e in self.train_set):
                 raise ConfigError("reward.type=verifiable (the default) monitors answers these prompts do not have: "
                                   "set reward.type=none, or a python / remote reward to watch")
-            self.reward = TextReward(build_reward(cfg.reward))
+            self.reward = batch_reward(cfg)
         self.eval_checks = accuracy_checks(self.eval_set)
         lm = load_causal_lm(cfg.model)
         self.reference = reference_model(lm, cfg.peft) if cfg.algo.kl_coef > 0 else None

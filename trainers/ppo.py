@@ -44,8 +44,8 @@ from alignment.data import load_prompts
 from alignment.adapters import apply_peft, hf_model
 from alignment.logprobs import autocast
 from alignment.models import load_causal_lm, load_tokenizer, reference_model, resolve_path
-from alignment.online import OnlineTrainer, StepTimer, TextReward
-from rewards import answers_needed, build_reward
+from alignment.online import OnlineTrainer, StepTimer
+from rewards import answers_needed, batch_reward
 from rewards.verifiable import accuracy_checks
 
 
@@ -113,7 +113,7 @@ class PPOTrainer(OnlineTrainer):
         self.train_set, self.eval_set = load_prompts(cfg.data, cfg.seed,
                                                      answers_needed(cfg.reward) if reward_from_config else None)
         if reward_from_config:
-            self.reward = TextReward(build_reward(cfg.reward))
+            self.reward = batch_reward(cfg)
         self.eval_checks = accuracy_checks(self.eval_set)
         lm = load_causal_lm(dataclasses.replace(cfg.model, path=policy_path))
         self.reference = reference_model(lm, cfg.peft)  # kl.reference=sft
@@ -125,7 +125,7 @@ class PPOTrainer(OnlineTrainer):
                                              attn_implementation=cfg.model.attn_implementation)
         self.critic = ValueModel(apply_peft(backbone, cfg.peft, self.total_updates), cfg.train.bf16).eval()
         self.critic_backend = Backend(self.critic, dataclasses.replace(cfg.train, lr=cfg.ppo.critic_lr),
-                                      self.mini_batch_rows)
+                                      self.mini_batch_rows, self.total_updates)
 
     @property
     def passes(self) -> int:
