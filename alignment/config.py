@@ -94,7 +94,8 @@ class DataConfig:
     columns: dict = field(default_factory=dict)
     # several sources mixed by weight with a seeded sampler: [{path, weight, ...data keys}, ...]
     mixture: list[dict] = field(default_factory=list)
-    max_prompt_length: int | None = bounded(None, ge=1)  # prompt tokens; None: no cap
+    # prompt tokens after the chat template (online trainers, sft, dpo); None: no cap
+    max_prompt_length: int | None = bounded(None, ge=1)
     long_prompts: Literal["drop", "truncate_left", "error"] = "truncate_left"  # prompts over the cap
     task: str | None = None  # reasoning_gym task name, e.g. chain_sum
     task_args: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset

@@ -51,12 +51,16 @@ class Pair:
     rejected: str | list[dict]
     strength: int | None = None  # signed preference strength, if the data has it
     index: int = 0  # row position in its file (outliers.jsonl names pairs by it)
+    origin: str = ""  # the file (or dataset and split) of the row, for messages
+    row: int = 0  # its 1-based row number there
 
 
 @dataclass
 class Demonstration:
     prompt: str | list[dict]
     completion: str | list[dict]
+    origin: str = ""  # the file (or dataset and split) of the row, for messages
+    row: int = 0  # its 1-based row number there
 
 
 CONVERSATION = (str, list)  # a field of plain text or chat messages
@@ -453,7 +457,7 @@ def _pair(r: dict, origin: str) -> Pair:
         responses[name] = value
     if r.get("strength") is not None and (not isinstance(r["strength"], int) or isinstance(r["strength"], bool)):
         raise DataError(f"{where}: field 'strength' must be a signed int")
-    return Pair(prompt, responses["chosen"], responses["rejected"], r.get("strength"), r["_row"] - 1)
+    return Pair(prompt, responses["chosen"], responses["rejected"], r.get("strength"), r["_row"] - 1, origin, r["_row"])
 
 
 def load_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -474,7 +478,7 @@ def _demonstrations(rows: list[dict], origin: str) -> list[Demonstration]:
                 problem = ": must be a prompt, then an assistant message with text (the completion)"
             if problem:
                 raise DataError(f"{origin}: row {r['_row']}: field 'messages'{problem}")
-            out.append(Demonstration(msgs[:-1], [msgs[-1]]))
+            out.append(Demonstration(msgs[:-1], [msgs[-1]], origin, r["_row"]))
         else:
             validate_rows([r], {"prompt": CONVERSATION, "completion": CONVERSATION}, origin)
             completion = r["completion"]
@@ -485,7 +489,7 @@ def _demonstrations(rows: list[dict], origin: str) -> list[Demonstration]:
                     _conversation_problem(completion)
                 if problem:
                     raise DataError(f"{origin}: row {r['_row']}: field 'completion'{problem}")
-            out.append(Demonstration(r["prompt"], completion))
+            out.append(Demonstration(r["prompt"], completion, origin, r["_row"]))
     return out
 
 
@@ -592,13 +596,14 @@ def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int) 
 
 
 def encode_conversations(tokenizer, prompts: list, responses: list, chat_template: bool,
-                         max_length: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt and response token ids for teacher forcing (SFT, DPO), each pair cut to max_length."""
+                         max_length: int, max_prompt_length: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and response token ids for teacher forcing (SFT, DPO), each pair cut to max_length; a prompt
+    first keeps its last `max_prompt_length` tokens (data.long_prompts: truncate_left, TRL's DPO way)."""
     prompt_ids, response_ids = [], []
     for prompt, response in zip(prompts, responses):
         p_ids = encode_prompt(tokenizer, prompt, chat_template)
-        p_ids, r_ids = fit_length(p_ids, encode_response(tokenizer, prompt, p_ids, response, chat_template),
-                                  max_length)
+        r_ids = encode_response(tokenizer, prompt, p_ids, response, chat_template)
+        p_ids, r_ids = fit_length(p_ids[-max_prompt_length:] if max_prompt_length else p_ids, r_ids, max_length)
         prompt_ids.append(p_ids)
         response_ids.append(r_ids)
     return prompt_ids, response_ids

@@ -21,7 +21,7 @@ import torch
 from alignment.algos import PREFERENCE_LOSSES, r3m_delta
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError
-from alignment.data import Pair, load_pairs, step_indices
+from alignment.data import Pair, cap_prompt_length, encode_prompt, load_pairs, step_indices
 from alignment.logging import setup_console
 from alignment.models import load_tokenizer
 from alignment.trainer import Trainer, held_out_means
@@ -32,12 +32,16 @@ log = logging.getLogger("alignment")
 class OfflineTrainer(Trainer):
     eval_batch_size = 16
     dropout = True  # train mode during steps (DPO keeps eval mode: TRL's disable_dropout)
+    # data.max_prompt_length applies (sft, dpo: their encode_conversations cuts prompts from the left);
+    # reward and preference models cut prompt + responses at their own max_length instead
+    caps_prompts = False
 
     def __init__(self, cfg: BaseConfig):
         super().__init__(cfg)
         self.check_config()
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set = self.load_data()
+        cap_line = self.cap_prompts()
         self.model = self.build_model()
         self.backend = Backend(self.module, cfg.train, cfg.train.batch_size, self.total_updates)
         self.rank, self.world = self.backend.rank, self.backend.world_size
@@ -45,8 +49,23 @@ class OfflineTrainer(Trainer):
         if cfg.train.batch_size % (self.world * self.backend.accumulation):
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide evenly over {self.world} "
                               f"processes x {self.backend.accumulation} gradient accumulation steps")
+        if cap_line:
+            log.info(cap_line)
         log.info("rank %d/%d, backend %s, %d training rows, %d held out, %d steps", self.rank, self.world,
                  self.backend.kind, len(self.train_set), len(self.eval_set), self.max_steps)
+
+    def cap_prompts(self) -> str | None:
+        """data.max_prompt_length: long prompts counted, then dropped or refused at load (cut from the left
+        when encoded, for truncate_left); returns the line to log."""
+        data = self.cfg.data
+        if data.max_prompt_length is None:
+            return None
+        if not self.caps_prompts:
+            raise ConfigError(f"data.max_prompt_length: trainer {self.cfg.trainer} cuts prompt and responses together "
+                              "at its own max_length; the prompt cap applies to the online trainers, sft and dpo")
+        _, self.train_set, self.eval_set, line = cap_prompt_length(
+            data, lambda prompt: encode_prompt(self.tokenizer, prompt, data.chat_template), self.train_set, self.eval_set)
+        return line
 
     # ---- what a method defines -------------------------------------------------------------
     module: torch.nn.Module  # what the backend wraps (its forward is the training computation)

@@ -37,7 +37,7 @@ import torch
 
 from alignment.backend import Backend
 from alignment.config import BaseConfig, ConfigError, read_yaml, save_config, to_dict
-from alignment.logging import RunLogger, check_trackers, plot_report
+from alignment.logging import RunLogger, check_trackers, flatten, plot_report
 from alignment.precision import resolve_bf16
 from alignment.adapters import hf_model, merged_state_dict
 
@@ -85,17 +85,6 @@ def source_dtype(model) -> torch.dtype | None:
     name = values.get("dtype") or values.get("torch_dtype")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
-def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def held_out_means(backend: Backend, sums: dict[str, float]) -> dict[str, float]:
@@ -155,13 +144,13 @@ class Trainer:
         saved_path = latest / "config.yaml"
         if not saved_path.is_file():  # written before checkpoints held their config: the run's
             saved_path = latest.parent.parent / "config.yaml"
-        saved = _flat(read_yaml(saved_path)) if saved_path.is_file() else {}
+        saved = flatten(read_yaml(saved_path)) if saved_path.is_file() else {}
         state_path = latest / "trainer_state.json"
         try:
             saved["trainer"] = json.loads(state_path.read_text())["trainer"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{state_path}: cannot read the checkpoint's trainer ({e})") from None
-        new = _flat(to_dict(self.cfg))
+        new = flatten(to_dict(self.cfg))
         changes = [(key, saved.get(key, "<absent>"), new.get(key, "<absent>")) for key in sorted(set(saved) | set(new))
                    if key != "resume" and saved.get(key, "<absent>") != new.get(key, "<absent>")]
         for key, old, value in changes:

@@ -267,6 +267,34 @@ def test_online_trainers_apply_the_cap_at_setup(capsys, caplog, tmp_path, tiny_m
             "the chat template): dropped") in caplog.messages
 
 
+def test_dpo_and_sft_apply_the_cap_and_reward_models_refuse_it(capsys, caplog, tmp_path, tiny_model):
+    from align.cli import build_config, main
+    from alignment.data import encode_conversations, encode_prompt
+    from tests.support.recipes import pairs_recipe
+
+    pairs = _jsonl(tmp_path / "capped.jsonl", [{"prompt": f"Say {i}.", "chosen": "Yes.", "rejected": "No."}
+                                               for i in range(4)] + [{"prompt": "long " * 90, "chosen": "A", "rejected": "B"}])
+    recipe = pairs_recipe(tmp_path, tiny_model, "dpo", data={"path": str(pairs), "eval_path": None,
+                                                             "max_prompt_length": 40, "long_prompts": "error"})
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert f"error: {pairs}: row 5: prompt longer than data.max_prompt_length=40 tokens" in capsys.readouterr().err
+    trainer_cls, cfg = build_config(str(recipe), ["data.long_prompts=drop", f"output_dir={tmp_path / 'out'}"])
+    with caplog.at_level(logging.INFO, logger="alignment"):
+        trainer = trainer_cls(cfg)
+    assert [p.row for p in trainer.train_set] == [1, 2, 3, 4]
+    assert any("1 of 5 training prompts" in m and m.endswith("dropped") for m in caplog.messages)
+    # truncate_left: the prompt keeps its last 40 tokens, the response is whole (TRL's DPO max_prompt_length)
+    tok = trainer.tokenizer
+    long_prompt = "long " * 90
+    prompts, responses = encode_conversations(tok, [long_prompt], ["A"], True, 512, max_prompt_length=40)
+    full = encode_prompt(tok, long_prompt, True)
+    assert prompts[0] == full[-40:] and len(full) > 40 and responses[0] == encode_conversations(
+        tok, [long_prompt], ["A"], True, 512)[1][0]
+    rm = pairs_recipe(tmp_path, tiny_model, "reward_model", data={"path": str(pairs), "max_prompt_length": 40})
+    assert main(["train", str(rm), f"output_dir={tmp_path / 'rm-out'}"]) == 2
+    assert "data.max_prompt_length: trainer reward_model cuts prompt and responses together" in capsys.readouterr().err
+
+
 # ---- item 3: preference data as TRL defines it ------------------------------------------------------------
 
 def test_implicit_prompt_is_the_shared_leading_turns(tmp_path):

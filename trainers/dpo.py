@@ -44,6 +44,7 @@ class DPOTrainer(PairwiseTrainer):
     config_class = DPOConfig
     section = "dpo"
     dropout = False
+    caps_prompts = True
 
     def build_model(self):
         lm = load_causal_lm(self.cfg.model)
@@ -56,7 +57,7 @@ class DPOTrainer(PairwiseTrainer):
         opts = self.cfg.dpo
         prompts, responses = encode_conversations(
             self.tokenizer, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs],
-            self.cfg.data.chat_template, opts.max_length)
+            self.cfg.data.chat_template, opts.max_length, self.cfg.data.max_prompt_length)
         batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.backend.device)
         r_len = batch["response_mask"].shape[1]
         mask = batch["response_mask"].float()

@@ -35,6 +35,7 @@ class SFTConfig(BaseConfig):
 class SFTTrainer(OfflineTrainer):
     config_class = SFTConfig
     eval_keys = ("loss",)
+    caps_prompts = True
 
     def load_data(self):
         return load_demonstrations(self.cfg.data, self.cfg.seed)
@@ -47,7 +48,7 @@ class SFTTrainer(OfflineTrainer):
     def encode(self, demos) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt (context) and completion (target) token ids of each row."""
         return encode_conversations(self.tokenizer, [d.prompt for d in demos], [d.completion for d in demos],
-                                    self.cfg.data.chat_template, self.cfg.sft.max_length)
+                                    self.cfg.data.chat_template, self.cfg.sft.max_length, self.cfg.data.max_prompt_length)
 
     def _token_nll(self, demos):
         prompts, responses = self.encode(demos)
