@@ -44,6 +44,9 @@ def readme_commands() -> list[tuple[dict, list[str]]]:
     commands = []
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", (REPO / "README.md").read_text(), re.M | re.S):
         for line in block.splitlines():
+            first = next((w for w in line.split() if not re.fullmatch(r"[A-Z_]+=\S*", w)), None)
+            if first not in LAUNCHERS:  # file listings and YAML beside the commands
+                continue
             words = shlex.split(line, comments=True)
             env = {}
             while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
