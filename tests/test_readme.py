@@ -31,6 +31,7 @@ from alignment.config import merge, parse_overrides
 from tests.support import REPO
 from tests.support.tiny_models import tiny_llama
 from tests.support.judge_server import start_judge_server
+from tests.support.recipes import run_two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -194,10 +195,20 @@ def test_readme_command_runs_as_written(command, sandbox):
         return
     values, resumed = _recipe_values(words)
     args = [*words, *shrink(values, resumed, tiny)]
-    proc = subprocess.run([_executable(args[0]), *args[1:]], cwd=folder, env=_env(env), capture_output=True,
-                          text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    rank_flag = next((flag for flag in ("--node_rank", "--machine_rank") if flag in words), None)
+    if rank_flag:  # node 0's line of a two-node launch: node 1 runs it with its own rank, as the README says
+        at = args.index("alignment")
+        node1 = [*args[:at]]
+        node1[node1.index(rank_flag) + 1] = "1"
+        (code, output), (code1, output1) = run_two_nodes([[_executable(args[0]), *args[1:at]],
+                                                          [_executable(node1[0]), *node1[1:]]],
+                                                         args[at + 1:], _env(env), timeout=900, cwd=folder)
+        assert code1 == 0, output1[-4000:]
+    else:
+        proc = subprocess.run([_executable(args[0]), *args[1:]], cwd=folder, env=_env(env), capture_output=True,
+                              text=True, timeout=900)
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    assert code == 0, output[-4000:]
     out = folder / values["output_dir"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in metrics if r["step"] > 0]
@@ -205,6 +216,8 @@ def test_readme_command_runs_as_written(command, sandbox):
     if resumed:
         assert "resumed from" in output and steps[-1] == 2, (steps, output[-2000:])
     launches = {"accelerate": "--num_processes", "torchrun": "--nproc_per_node", "deepspeed": "--num_accelerators"}
-    if words[0] in launches:  # a real world size, not one process per rank
+    if rank_flag:  # two nodes of one process each
+        assert "rank 0/2" in output, output[-3000:]
+    elif words[0] in launches:  # a real world size, not one process per rank
         world = words[words.index(launches[words[0]]) + 1]
         assert f"rank 0/{world}" in output, output[-3000:]

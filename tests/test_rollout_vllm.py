@@ -218,7 +218,7 @@ def test_two_processes_zero3_with_vllm_match_one_process(one_process_run, tmp_pa
 
 @pytest.mark.parametrize("options, message", [
     ({"enable_sleep_mode": True}, "rollout.vllm.enable_sleep_mode: not supported on this platform"),
-    ({"tensor_parallel_size": 3}, r"rollout.vllm.tensor_parallel_size \(3\) must divide the world size \(1\)"),
+    ({"tensor_parallel_size": 3}, r"rollout.vllm.tensor_parallel_size \(3\) must divide the ranks per node \(1; world size 1\)"),
 ])
 def test_unusable_engine_options_name_the_key(setup, tiny_model, options, message):
     from alignment.config import ConfigError

@@ -97,9 +97,13 @@ class VLLMEngine(RolloutEngine):
             raise ConfigError(f"rollout.vllm.enable_sleep_mode: not supported on this platform "
                               f"({current_platform.device_name}); set it to false")
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        # Tensor-parallel groups are runs of consecutive global ranks, and launchers number ranks node by
+        # node: a size dividing the ranks per node keeps every group within one node
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         tp = cfg.tensor_parallel_size
-        if tp < 1 or world % tp:
-            raise ConfigError(f"rollout.vllm.tensor_parallel_size ({tp}) must divide the world size ({world})")
+        if tp < 1 or world % tp or per_node % tp:
+            raise ConfigError(f"rollout.vllm.tensor_parallel_size ({tp}) must divide the ranks per node ({per_node}; "
+                              f"world size {world}): a tensor-parallel group stays within one node")
         # The canary check can only be as tight as the engine's arithmetic (see sync_tolerance).
         self.default_tolerance = 1e-3 if dtype == "float32" else 1.0
         self.dtype = dtype

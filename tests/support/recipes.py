@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,28 @@ def run_align(*args: str, env: dict | None = None, timeout: int = 600, launcher:
     cmd = (launcher or [sys.executable, "-m"]) + ["alignment", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_two_nodes(commands: list[list[str]], args: list[str], env: dict, timeout: int = 600,
+                  cwd: Path = REPO) -> list[tuple[int, str]]:
+    """Start the launcher line of each node at once, each followed by `alignment ARGS`; (exit code,
+    output) of each."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    # output to files, not pipes: a node blocked on a full pipe would stall the other in a collective
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    procs = [subprocess.Popen([*cmd, "alignment", *args], cwd=cwd, env=full_env, stdout=log,
+                              stderr=subprocess.STDOUT, text=True) for cmd, log in zip(commands, logs)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    results = []
+    for code, log in zip(codes, logs):
+        log.seek(0)
+        results.append((code, log.read()))
+        log.close()
+    return results
 
 
 def write_prompts(path: Path, count: int = 32) -> Path:
