@@ -3,6 +3,7 @@
     align train CONFIG.yaml [key=value ...]     train with a recipe; dotted overrides
     align bench NAME [--quick] [KEY=VALUE ...]  run benchmarks/NAME.py, write benchmarks/results/NAME.json
     align serve-rm --model DIR [--port 8000]    serve a reward or preference model over HTTP (rewards/server.py)
+    align vllm-serve MODEL [--port 8000] [vLLM args ...]  a vLLM server for rollout.backend=vllm_server
     align config CONFIG.yaml [key=value ...]    print the recipe resolved: every key, defaults filled in
     align config --keys                         print every config key of every trainer (the README's table)
 
@@ -123,6 +124,48 @@ def cmd_serve_rm(args) -> int:
     return 0
 
 
+def vllm_serve_command(model: str, host: str, port: int, extra: list[str], cuda: bool | None = None
+                       ) -> tuple[dict[str, str], list[str], str]:
+    """(environment, argv, the plain `vllm serve` line it amounts to) for `align vllm-serve`: vLLM's OpenAI
+    server in dev mode (the weight routes), with the scale-out token-in/token-out endpoint, raw log-probs
+    (what training computes), the NCCL weight-transfer engine on CUDA, and on CPU fp32 and eager mode
+    (weights pushed on CPU go through the disk transport: `reload_weights` from the pushed folder)."""
+    import json
+    import shlex
+
+    import torch
+
+    from alignment.models import resolve_path
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    path = resolve_path(model, key="MODEL")
+    given = {arg.split("=")[0] for arg in extra if arg.startswith("--")}
+    flags = ["--host", host, "--port", str(port), "--enable-scale-out"]
+    if "--logprobs-mode" not in given:
+        flags += ["--logprobs-mode", "raw_logprobs"]
+    if cuda and "--weight-transfer-config" not in given:
+        flags += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    if not cuda:
+        flags += [] if "--dtype" in given else ["--dtype", "float32"]
+        flags += [] if "--enforce-eager" in given else ["--enforce-eager"]
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    if not cuda:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    plain = " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm", "serve", shlex.quote(path),
+                      *map(shlex.quote, flags + extra)])
+    # The entry point `vllm serve` runs; vllm-cpu's `vllm` script fails looking up the `vllm` distribution.
+    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", path, *flags, *extra]
+    return env, argv, plain
+
+
+def cmd_vllm_serve(args, extra: list[str]) -> int:
+    env, argv, plain = vllm_serve_command(args.model, args.host, args.port, extra)
+    print(plain, flush=True)
+    if args.dry_run:
+        return 0
+    os.execve(argv[0], argv, {**os.environ, **env})  # vLLM gets the signals (Ctrl-C stops it)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="align", description="RLHF alignment training")
     # The `deepspeed` launcher inserts --local_rank before the subcommand (ranks come from
@@ -175,7 +218,24 @@ def main(argv: list[str] | None = None) -> int:
     serve_rm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                           help="debug also logs every request")
     serve_rm.set_defaults(func=cmd_serve_rm)
+    vllm_serve = sub.add_parser(
+        "vllm-serve", help="start a vLLM server for rollout.backend=vllm_server (extra arguments go to vLLM)",
+        description="vLLM's OpenAI server set up for rollout.backend=vllm_server: dev mode (weight push routes), "
+                    "the scale-out endpoint, raw log-probs; on CUDA the NCCL weight-transfer engine, on CPU fp32 "
+                    "and eager mode. Prints the plain `vllm serve` line it amounts to; any other argument goes to "
+                    "vLLM (e.g. --max-model-len 2048 --tensor-parallel-size 2).")
+    vllm_serve.add_argument("model", help="model folder, hub name or builtin:NAME (resolved to its local folder)")
+    vllm_serve.add_argument("--host", default="127.0.0.1")
+    vllm_serve.add_argument("--port", type=int, default=8000)
+    vllm_serve.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    vllm_serve.set_defaults(func=cmd_vllm_serve)
     args, unknown = parser.parse_known_args(argv)
+    if args.command == "vllm-serve":
+        try:
+            return cmd_vllm_serve(args, unknown)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if unknown and args.command == "bench" and all("=" in u and not u.startswith("-") for u in unknown):
         args.overrides += unknown  # argparse stops filling a positional list at an option (`--quick`)
     elif unknown:

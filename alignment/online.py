@@ -168,7 +168,8 @@ class OnlineTrainer(Trainer):
                 f"{per_mini // self.world * cfg.rollout.n} samples over {self.backend.accumulation} "
                 f"gradient accumulation steps")
         self.engine = make_engine(cfg.rollout, cfg.model, self.tokenizer, cfg.train.bf16, cfg.seed,
-                                  hf_copy=engine_lm.to(self.backend.device) if engine_lm is not None else None)
+                                  hf_copy=engine_lm.to(self.backend.device) if engine_lm is not None else None,
+                                  output_dir=cfg.output_dir)
         # A fixed canary for the weight-sync check: the last 12 tokens of a prompt, the final 4 scored as
         # a response. Every weight moves every position's log-prob, so one short row checks them all;
         # the fp32 forward on each side is then bound by reading the weights (2 x 0.09 s for 135M
@@ -180,7 +181,9 @@ class OnlineTrainer(Trainer):
                  len(self.train_set))
 
     def start(self) -> None:
-        self.sync_weights()  # the engine may hold older weights than a resumed checkpoint
+        # the engine may hold older weights than a resumed checkpoint; Trainer.train sets start_step
+        self.weights_step = getattr(self, "start_step", 0)
+        self.sync_weights()
 
     # ---- rollout ------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
@@ -195,6 +198,7 @@ class OnlineTrainer(Trainer):
         k = cfg.train.mini_batches
         order = step_indices(step, cfg.train.batch_size, len(self.train_set), cfg.seed)
         per_mini = cfg.train.batch_size // k
+        self.weights_step = step + 1  # the weights this step's update makes (their version: step-N)
         # Global positions of this rank's prompts, mini-batch by mini-batch.
         positions = [p for j in range(k) for p in range(j * per_mini, (j + 1) * per_mini)[self.rank::self.world]]
         examples = [self.train_set[order[p]] for p in positions]
@@ -296,7 +300,8 @@ class OnlineTrainer(Trainer):
         lp, _ = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
                                batch["position_ids"], r_len, bf16=False)
         canary = Canary(prompts, responses, [lp[i, : len(r)] for i, r in enumerate(responses)])
-        return self.engine.update_weights(weights, canary, self.cfg.rollout.sync_tolerance)
+        return self.engine.update_weights(weights, canary, self.cfg.rollout.sync_tolerance,
+                                          version=f"step-{getattr(self, 'weights_step', 0)}")
 
     # ---- metrics --------------------------------------------------------------------------------
     def step_metrics(self, batch: RolloutBatch, stats: dict, timer: StepTimer) -> dict[str, float]:

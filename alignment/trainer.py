@@ -291,6 +291,7 @@ class Trainer:
             self.backend.barrier()
             start = self.load_checkpoint(latest)
             log.info("resumed from %s", latest)
+        self.start_step = start  # trainer steps behind the weights the run starts from
         self.start()
         total = self.max_steps
         logger = RunLogger(out, self.backend.is_main, start, total, cfg.train.report_to, to_dict(cfg))

@@ -1,4 +1,4 @@
-"""The rollout engine: one interface for every online trainer, backends `hf` and `vllm`.
+"""The rollout engine: one interface for every online trainer, backends `hf`, `vllm` and `vllm_server`.
 
 - `generate(prompts, sampling, prompt_uids)` returns token ids of prompt and response, per-token
   log-probs of the sampled tokens (under the raw model distribution, temperature 1, as training
@@ -42,6 +42,9 @@ class Rollouts:
     finish_reasons: list[str] = field(default_factory=list)  # "stop" (EOS) or "length"
     prompt_index: list[int] = field(default_factory=list)  # position of the prompt in the request
     kv_bytes: int = 0  # hf backend: bytes the KV cache held at the end of its largest generate batch
+    # vllm_server: per sample, the weight version its tokens were generated with (the engine checks it is
+    # the version it pushed last); empty for the in-process backends
+    weight_versions: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -73,7 +76,8 @@ class RolloutEngine:
         raise NotImplementedError
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], canary: Canary | None = None,
-                       tolerance: float | None = None) -> float:
+                       tolerance: float | None = None, version: str | None = None) -> float:
+        """`version` labels the weights (e.g. step-3) where the backend tracks versions (vllm_server)."""
         self.load_weights(named_tensors)
         if canary is None:
             return 0.0
@@ -95,9 +99,11 @@ class RolloutEngine:
 
 
 def make_engine(rollout: RolloutConfig, model: ModelConfig, tokenizer, bf16: bool, seed: int = 0,
-                hf_copy=None) -> RolloutEngine:
+                hf_copy=None, output_dir: str | None = None) -> RolloutEngine:
     """`hf_copy`: the engine's own copy of the (unwrapped) model for the hf backend; vLLM loads the
-    model from `model.path` and receives the trainer's weights at the first sync."""
+    model from `model.path` and receives the trainer's weights at the first sync; vllm_server's servers
+    were started apart, and receive the trainer's weights at the first sync (the disk transport writes
+    them under rollout.server.weights_dir, by default <output_dir>/server_weights)."""
     if rollout.backend == "hf":
         from alignment.rollout.hf import HFEngine
 
@@ -107,4 +113,11 @@ def make_engine(rollout: RolloutConfig, model: ModelConfig, tokenizer, bf16: boo
         from alignment.rollout.vllm import VLLMEngine
 
         return VLLMEngine(resolve_path(model.path), tokenizer, rollout.vllm, model.trust_remote_code, seed)
-    raise ValueError(f"unknown rollout backend {rollout.backend!r} (valid: hf, vllm)")
+    if rollout.backend == "vllm_server":
+        from pathlib import Path
+
+        from alignment.rollout.server import ServerEngine
+
+        return ServerEngine(rollout.server, tokenizer,
+                            weights_dir=Path(output_dir or ".") / "server_weights")
+    raise ValueError(f"unknown rollout backend {rollout.backend!r} (valid: hf, vllm, vllm_server)")

@@ -197,7 +197,8 @@ class HFEngine(RolloutEngine):
         if self.packed:
             pack_linear_weights(self.decoder)
 
-    def update_weights(self, named_tensors, canary: Canary | None = None, tolerance: float | None = None) -> float:
+    def update_weights(self, named_tensors, canary: Canary | None = None, tolerance: float | None = None,
+                       version: str | None = None) -> float:
         """Load and check `model` against the trainer's canary (with fp32 decoding, `model` is the packed
         decoder itself); a separate bf16 decoder is then checked against a fresh cast of `model`."""
         err = super().update_weights(named_tensors, canary, tolerance)
