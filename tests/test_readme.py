@@ -115,8 +115,40 @@ def sandbox(tmp_path_factory):
     port = int(re.search(r":(\d+)/", yaml.safe_load((REPO / "configs/judge_routing.yaml").read_text())
                          ["reward"]["judge"]["base_url"]).group(1))
     _, judge = start_judge_server(port=port)
-    with judge:
-        yield folder, tiny
+    try:
+        with judge:
+            yield folder, tiny
+    finally:  # the servers README lines started in the background (`align vllm-serve ... &`)
+        for proc in BACKGROUND:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+BACKGROUND: list[subprocess.Popen] = []
+
+
+def _start_in_background(env: dict, words: list[str], cwd: Path, tiny: Path) -> None:
+    """A README `align vllm-serve ... &` line: started on the tiny model (the shrunk runs after it train
+    that model) and left running for the lines that use it; up once /health answers."""
+    words = [str(tiny) if w == SMOLLM2 else w for w in words if w != "&"]
+    port = int(words[words.index("--port") + 1])
+    log = open(cwd / f"background-{port}.log", "w")
+    proc = subprocess.Popen([_executable(words[0]), *words[1:]], cwd=cwd, env=_env(env), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    BACKGROUND.append(proc)
+    deadline = time.time() + 600
+    while True:
+        assert proc.poll() is None, (cwd / f"background-{port}.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, f"{' '.join(words)}: not up after 600 s"
+        time.sleep(1)
 
 
 def _env(extra: dict) -> dict:
@@ -192,6 +224,9 @@ def test_readme_command_runs_as_written(command, sandbox):
         return
     if "serve-rm" in words:
         _serve_and_query(env, words, folder)
+        return
+    if words[-1] == "&":
+        _start_in_background(env, words, folder, tiny)
         return
     values, resumed = _recipe_values(words)
     args = [*words, *shrink(values, resumed, tiny)]
