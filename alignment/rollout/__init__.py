@@ -43,7 +43,7 @@ class Rollouts:
     prompt_index: list[int] = field(default_factory=list)  # position of the prompt in the request
     kv_bytes: int = 0  # hf backend: bytes the KV cache held at the end of its largest generate batch
     # vllm_server: per sample, the weight version its tokens were generated with (the engine checks it is
-    # the version it pushed last); empty for the in-process backends
+    # the version it pushed last, or one of the last rollout.max_staleness + 1); empty for the in-process backends
     weight_versions: list[str | None] = field(default_factory=list)
 
 
@@ -119,5 +119,6 @@ def make_engine(rollout: RolloutConfig, model: ModelConfig, tokenizer, bf16: boo
         from alignment.rollout.server import ServerEngine
 
         return ServerEngine(rollout.server, tokenizer,
-                            weights_dir=Path(output_dir or ".") / "server_weights")
+                            weights_dir=Path(output_dir or ".") / "server_weights",
+                            max_staleness=rollout.max_staleness)
     raise ValueError(f"unknown rollout backend {rollout.backend!r} (valid: hf, vllm, vllm_server)")

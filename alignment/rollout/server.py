@@ -8,7 +8,14 @@ scale-out endpoint) and list them in `rollout.server.urls`.
   prompts are dealt across servers by their uid, and a run's samples do not depend on how many servers
   there are. Log-probs of sampled tokens are the engine's (`--logprobs-mode raw_logprobs`, as the
   in-process vLLM engine asks for them); every response's tokens carry the weight version that
-  produced them, and it must be the version this engine pushed last (`Rollouts.weight_versions`).
+  produced them, and it must be the version this engine pushed last (`Rollouts.weight_versions`), or with
+  `rollout.max_staleness: k` one of the last k+1 pushed (`staleness` gives each sample's age in pushes).
+- Overlap (`rollout.max_staleness` >= 1, driven by the trainer: alignment/online.py): generation requests
+  of later steps run while the trainer trains and pushes. A push never mixes versions inside one sample:
+  `/pause?mode=wait` lets every request the server already holds finish on the old weights and queues the
+  ones that arrive until `/resume`, which then run on the new weights. So one batch may hold samples of two
+  versions, each labelled by its tokens; were a sample's tokens ever to span several versions (a server
+  paused with mode=keep by someone else), its version is the oldest of them.
 - Weight push, after every optimizer step, on global rank 0, to every server at once, through vLLM's
   dev-mode routes: `/pause?mode=wait`, the transfer, `/update_weight_version` (or the transfer engine's
   `/finish_weight_update {weight_version}`), `/reset_prefix_cache` (a stale prefix cache otherwise keeps
@@ -81,8 +88,10 @@ def _error_text(response) -> str:
 class ServerEngine(RolloutEngine):
     default_tolerance = 1e-3  # fp32 servers (CPU); pass rollout.sync_tolerance for bf16 ones
 
-    def __init__(self, cfg: ServerConfig, tokenizer, weights_dir: str | Path | None = None, transport=None):
-        """`transport`: an httpx transport for every call (tests pass an in-process fake server)."""
+    def __init__(self, cfg: ServerConfig, tokenizer, weights_dir: str | Path | None = None, transport=None,
+                 max_staleness: int = 0):
+        """`transport`: an httpx transport for every call (tests pass an in-process fake server);
+        `max_staleness`: how many pushes old a sample's weights may be (rollout.max_staleness)."""
         try:
             import httpx  # noqa: F401
         except ImportError as err:  # pragma: no cover - a dependency
@@ -97,6 +106,8 @@ class ServerEngine(RolloutEngine):
         self.weights_dir = Path(cfg.weights_dir or weights_dir or "server_weights").expanduser().resolve()
         self.eos_ids = sorted({tokenizer.eos_token_id} - {None})
         self.version: str | None = None  # the version this engine pushed last (None: none yet)
+        self.max_staleness = int(max_staleness)
+        self.pushed: list[str] = []  # the versions pushed, oldest first (the last max_staleness + 1 kept)
         self.pushes = 0
         self._nccl: dict[int, object] = {}
         self._slots: dict[int, list[asyncio.Semaphore]] = {}  # per event loop (the nccl push runs two at once)
@@ -213,17 +224,46 @@ class ServerEngine(RolloutEngine):
         return out
 
     def _check_versions(self, i: int, spans, length: int) -> str | None:
-        """The weight version of a sample's tokens: every span must be the version pushed last."""
+        """The weight version of a sample's tokens: every span must be the version pushed last, or with
+        max_staleness k one of the last k+1 pushed (this runs in the background thread of an overlapped
+        rollout, so a push may have landed since the request); the oldest of them is the sample's."""
         versions = [span["version"] for span in spans or []]
         if self.version is not None:
             if length and not versions:
                 raise WeightSyncError(f"vLLM server {self.urls[i]}: its tokens carry no weight version (expected "
                                       f"{self.version})")
-            stale = sorted(set(versions) - {self.version})
-            if stale:
+            recent = self.pushed[-(self.max_staleness + 1):] or [self.version]
+            stale = sorted(set(versions) - set(recent))
+            if stale and not self.max_staleness:
                 raise WeightSyncError(f"vLLM server {self.urls[i]}: tokens generated with weight version "
                                       f"{', '.join(stale)}, expected {self.version} (the last push)")
+            if stale:
+                raise WeightSyncError(f"vLLM server {self.urls[i]}: tokens generated with weight version "
+                                      f"{', '.join(stale)}, expected one of the last {len(recent)} pushes "
+                                      f"({', '.join(recent)}; rollout.max_staleness={self.max_staleness})")
+            if versions:
+                return min(versions, key=recent.index)
         return versions[0] if versions else self.version
+
+    def staleness(self, versions: list[str | None]) -> list[int]:
+        """Per sample, how many pushes its weights are behind the last push (the weights the trainer is about
+        to update); a WeightSyncError beyond rollout.max_staleness or for a version this engine never pushed
+        (None, before any push: 0)."""
+        age = {version: len(self.pushed) - 1 - n for n, version in enumerate(self.pushed)}
+        ages = []
+        for version in versions:
+            if version is None and not self.pushed:
+                ages.append(0)
+                continue
+            if version not in age:
+                raise WeightSyncError(f"a rollout sample carries weight version {version!r}, which is not among the "
+                                      f"last {len(self.pushed)} pushes ({', '.join(self.pushed)})")
+            if age[version] > self.max_staleness:
+                raise WeightSyncError(f"a rollout sample was generated with weight version {version}, {age[version]} "
+                                      f"pushes behind the trainer's {self.version}: beyond rollout.max_staleness="
+                                      f"{self.max_staleness}")
+            ages.append(age[version])
+        return ages
 
     # ---- scoring --------------------------------------------------------------------------------
     async def _score(self, client, i: int, prompt: list[int], response: list[int]) -> torch.Tensor:
@@ -274,6 +314,8 @@ class ServerEngine(RolloutEngine):
         if kind != "ok":
             raise (WeightSyncError if kind == "sync" else ServerError)(value)
         self.version = version
+        # kept one beyond max_staleness: `staleness` then names a too-old version by its age
+        self.pushed = [*self.pushed, version][-(self.max_staleness + 2):]
         return value
 
     def _push_and_verify(self, named_tensors, canary, tolerance, version: str) -> float:
