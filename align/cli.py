@@ -166,20 +166,33 @@ def cmd_vllm_serve(args, extra: list[str]) -> int:
     os.execve(argv[0], argv, {**os.environ, **env})  # vLLM gets the signals (Ctrl-C stops it)
 
 
+class LazyEpilogParser(argparse.ArgumentParser):
+    """A parser whose epilog may be a function, called only when help is printed (`align train --help`
+    lists every trainer's config sections, which imports every trainer: seconds no run should pay)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def train_epilog() -> str:
+    sections = sorted({key.split(".")[0] for name in TRAINERS
+                       for key, _, _ in config_keys(get_trainer(name).config_class) if "." in key})
+    return (f"trainers (the recipe's `trainer:`): {', '.join(TRAINERS)}\n"
+            f"config sections: {', '.join(sections)}\n"
+            "every key, its default and meaning: align config --keys (also the README's table)\n"
+            "a recipe resolved, with its overrides: align config CONFIG.yaml [key=value ...]")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="align", description="RLHF alignment training")
     # The `deepspeed` launcher inserts --local_rank before the subcommand (ranks come from
     # torch.distributed instead); `align train` accepts it after the config too.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sections = sorted({key.split(".")[0] for name in TRAINERS
-                       for key, _, _ in config_keys(get_trainer(name).config_class) if "." in key})
-    train = sub.add_parser(
-        "train", help="train with a YAML recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"trainers (the recipe's `trainer:`): {', '.join(TRAINERS)}\n"
-               f"config sections: {', '.join(sections)}\n"
-               "every key, its default and meaning: align config --keys (also the README's table)\n"
-               "a recipe resolved, with its overrides: align config CONFIG.yaml [key=value ...]")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyEpilogParser)
+    train = sub.add_parser("train", help="train with a YAML recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=train_epilog)
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=2e-5")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
