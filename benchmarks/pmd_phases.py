@@ -26,18 +26,14 @@ sync: `memory_bytes`) over the copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from alignment.rollout.server import launch_local_server, stop_local_server
 from benchmarks import _common as C
 from benchmarks.pmd_vs_trl_grpo import (THREADS, build_ours_config, flops, memory_bytes, old_logprob_passes,
                                         param_counts, timed_steps)
@@ -93,42 +89,6 @@ if __name__ == "__main__":
 
 # ---- server mode: rollout.max_staleness 0 against 1 on one vLLM server ------------------------------
 
-def start_server(model: str, folder: Path) -> tuple[subprocess.Popen, str]:
-    """`align vllm-serve MODEL` on a free port, once it answers (its log in `folder`)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_file = open(folder / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", model, "--port", str(port),
-                             "--max-model-len", "1024"], cwd=C.ROOT,
-                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log_file.seek(0)
-            raise RuntimeError(f"align vllm-serve exited with {proc.returncode}:\n{log_file.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/weight_info", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise RuntimeError("align vllm-serve did not answer within 600 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def server_steps(url: str, steps: int, folder: str, staleness: int, overrides: tuple[str, ...]) -> list[dict]:
     """`steps` trainer steps on the server with rollout.max_staleness=`staleness`, one row each."""
     trainer_cls, cfg = build_ours_config(steps, 16, folder, extra=(
@@ -160,12 +120,12 @@ def main_server(quick: bool, overrides: tuple[str, ...]) -> dict:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench_phases_server_") as tmp:
         _, cfg = build_ours_config(steps, 16, tmp, extra=tuple(overrides) + ("rollout.server.urls=[http://x]",))
-        proc, url = start_server(resolve_path(cfg.model.path), Path(tmp))
+        proc, url = launch_local_server(resolve_path(cfg.model.path), Path(tmp) / "server.log")
         try:
             for staleness in (0, 1):
                 runs[staleness] = server_steps(url, steps, str(Path(tmp) / f"run-{staleness}"), staleness, overrides)
         finally:
-            stop_server(proc)
+            stop_local_server(proc)
     medians = {staleness: {k: statistics.median(r[k] for r in rows[warmup:])
                            for k in ("seconds", "rollout_s", "train_s", "sync_s", "staleness")}
                for staleness, rows in runs.items()}

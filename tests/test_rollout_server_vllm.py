@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.cli import build_config
 from alignment.adapters import merged_state_dict
@@ -24,59 +20,24 @@ from alignment.config import ServerConfig
 from alignment.logging import read_metrics
 from alignment.logprobs import pack, token_logprobs
 from alignment.rollout import Canary, SamplingParams, WeightSyncError
-from alignment.rollout.server import ServerEngine, ServerError
-from tests.support.recipes import REPO, run_align, toy_recipe
-from tests.support.tiny_models import tiny_llama
+from alignment.rollout.server import ServerEngine, ServerError, launch_local_server, stop_local_server
+from tests.support.recipes import run_align, toy_recipe
+from tests.support.tiny_models import tiny_chat_setup, tiny_llama
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("vllm-server") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", str(tiny_model), "--port", str(port),
-                             "--max-model-len", "512"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"align vllm-serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/weight_info", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("align vllm-serve did not answer within 300 s")
+    proc, url = launch_local_server(str(tiny_model), tmp_path_factory.mktemp("vllm-server") / "server.log",
+                                    max_model_len=512, timeout_s=300)
     yield url, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop_local_server(proc)
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True)["input_ids"]
-               for q in ["What is 2+2?", "Tell me a longer story about a cat and a dog, please."]]
-    return tokenizer, model, prompts
+    return tiny_chat_setup(tiny_model)
 
 
 def canary(model, prompts) -> Canary:

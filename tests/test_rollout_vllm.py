@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.config import VLLMConfig
 from alignment.logging import read_metrics
@@ -22,16 +21,12 @@ from alignment.rollout import Canary, SamplingParams, WeightSyncError
 from alignment.rollout.hf import HFEngine
 from tests.support.recipes import run_align
 from tests.support.recipes import toy_recipe
+from tests.support.tiny_models import tiny_chat_setup
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True)["input_ids"]
-               for q in ["What is 2+2?", "Tell me a longer story about a cat and a dog, please."]]
-    return tokenizer, model, prompts
+    return tiny_chat_setup(tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -478,3 +481,43 @@ def _DictSource(named_tensors):
                 yield name, tensor.detach().to(device)
 
     return DictSource()
+
+
+def launch_local_server(model: str, log_path: Path, max_model_len: int = 1024, timeout_s: float = 600
+                        ) -> tuple[subprocess.Popen, str]:
+    """`align vllm-serve MODEL` on a free local port, returned once /weight_info answers (its output in
+    `log_path`): for tests and benchmarks; production servers are started by the user."""
+    import httpx
+
+    from alignment.backend import _free_port
+
+    port = _free_port()
+    log_file = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", model, "--port", str(port),
+                             "--max-model-len", str(max_model_len)], cwd=Path(__file__).resolve().parents[2],
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log_file.seek(0)
+            raise RuntimeError(f"align vllm-serve exited with {proc.returncode}:\n{log_file.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/weight_info", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_local_server(proc)
+    raise RuntimeError(f"align vllm-serve did not answer within {timeout_s:g} s (log: {log_path})")
+
+
+def stop_local_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (vLLM's engine processes too), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -45,3 +45,15 @@ def tiny_reward_model(folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_chat_setup(model_dir: Path):
+    """(tokenizer, model in eval mode, two chat prompts' token ids) of a tiny model: the engine tests' inputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True)["input_ids"]
+               for q in ["What is 2+2?", "Tell me a longer story about a cat and a dog, please."]]
+    return tokenizer, model, prompts
