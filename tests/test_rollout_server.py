@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 from urllib.parse import urlsplit
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignment.backend import _free_port
 from alignment.config import BaseConfig, ConfigError, RolloutConfig, ServerConfig, TrainConfig
 from alignment.data import Example
 from alignment.online import OnlineTrainer, RolloutBatch
@@ -245,9 +245,7 @@ def test_a_busy_prefix_cache_is_retried(tmp_path):
 
 
 def test_a_server_that_is_not_there_is_named_at_once(tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()  # a port nobody listens on
     start = time.monotonic()
     with pytest.raises(ServerError, match=rf"vLLM server http://127.0.0.1:{port}: GET /weight_info failed .*is it "
                                           "running"):
