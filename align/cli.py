@@ -128,8 +128,8 @@ def vllm_serve_command(model: str, host: str, port: int, extra: list[str], cuda:
                        ) -> tuple[dict[str, str], list[str], str]:
     """(environment, argv, the plain `vllm serve` line it amounts to) for `align vllm-serve`: vLLM's OpenAI
     server in dev mode (the weight routes), with the scale-out token-in/token-out endpoint, raw log-probs
-    (what training computes), the NCCL weight-transfer engine on CUDA, and on CPU fp32 and eager mode
-    (weights pushed on CPU go through the disk transport: `reload_weights` from the pushed folder)."""
+    (what training computes), the weight-transfer engine (vLLM's NCCL one on CUDA, our gloo one elsewhere:
+    alignment/rollout/gloo.py), and on CPU fp32 and eager mode."""
     import json
     import shlex
 
@@ -143,8 +143,8 @@ def vllm_serve_command(model: str, host: str, port: int, extra: list[str], cuda:
     flags = ["--host", host, "--port", str(port), "--enable-scale-out"]
     if "--logprobs-mode" not in given:
         flags += ["--logprobs-mode", "raw_logprobs"]
-    if cuda and "--weight-transfer-config" not in given:
-        flags += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    if "--weight-transfer-config" not in given:  # vLLM's NCCL engine on CUDA, our gloo engine elsewhere
+        flags += ["--weight-transfer-config", json.dumps({"backend": "nccl" if cuda else "gloo"})]
     if not cuda:
         flags += [] if "--dtype" in given else ["--dtype", "float32"]
         flags += [] if "--enforce-eager" in given else ["--enforce-eager"]
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     vllm_serve = sub.add_parser(
         "vllm-serve", help="start a vLLM server for rollout.backend=vllm_server (extra arguments go to vLLM)",
         description="vLLM's OpenAI server set up for rollout.backend=vllm_server: dev mode (weight push routes), "
-                    "the scale-out endpoint, raw log-probs; on CUDA the NCCL weight-transfer engine, on CPU fp32 "
-                    "and eager mode. Prints the plain `vllm serve` line it amounts to; any other argument goes to "
+                    "the scale-out endpoint, raw log-probs, the weight-transfer engine (vLLM's NCCL one on CUDA, "
+                    "our gloo one elsewhere), on CPU fp32 and eager mode. Prints the plain `vllm serve` line it amounts to; any other argument goes to "
                     "vLLM (e.g. --max-model-len 2048 --tensor-parallel-size 2).")
     vllm_serve.add_argument("model", help="model folder, hub name or builtin:NAME (resolved to its local folder)")
     vllm_serve.add_argument("--host", default="127.0.0.1")

@@ -64,11 +64,19 @@ def init_distributed(use_deepspeed: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _fill_deepspeed_config(path: str, train: TrainConfig, micro_batch: int, world: int) -> dict:
+def _read_deepspeed_config(path: str) -> dict:
     try:
-        config = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {path}") from None
+
+
+def _zero_stage(path: str) -> int:
+    return _read_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0)
+
+
+def _fill_deepspeed_config(path: str, train: TrainConfig, micro_batch: int, world: int) -> dict:
+    config = _read_deepspeed_config(path)
     if "optimizer" in config or "scheduler" in config:
         raise ConfigError(f"{path}: leave out 'optimizer' and 'scheduler'; the trainer builds them from train.*")
     # One optimizer step per (mini-)batch of `micro_batch * accumulation` rows per rank.
@@ -100,6 +108,11 @@ class Backend:
 
     def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int, total_steps: int | None = None):
         ds_path = deepspeed_config_path(train)
+        adalora = find_adalora(module)
+        if ds_path is not None and adalora is not None and _zero_stage(ds_path) == 3:  # before DeepSpeed starts
+            raise ConfigError("peft.type=adalora does not run under ZeRO-3 (partitioned adapters cannot be "
+                              "scored and masked per matrix): use a ZeRO-1/2 config (launch/zero2.yaml) or "
+                              "peft.type=lora")
         self.rank, self.world_size = init_distributed(ds_path is not None)
         self.is_main = self.rank == 0
         self.train = train
@@ -118,17 +131,12 @@ class Backend:
         if self.accumulation < 1:
             raise ConfigError(f"train.gradient_accumulation_steps: must be at least 1, got {self.accumulation}")
         self.micro_steps = 0
-        adalora = find_adalora(module)
         if ds_path is not None:
             import deepspeed
 
             config = _fill_deepspeed_config(ds_path, train, max(1, micro_batch // self.accumulation),
                                             self.world_size)
             self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
-            if adalora is not None and self.zero_stage == 3:
-                raise ConfigError("peft.type=adalora does not run under ZeRO-3 (partitioned adapters cannot be "
-                                  "scored and masked per matrix): use a ZeRO-1/2 config (launch/zero2.yaml) or "
-                                  "peft.type=lora")
             self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config
             )
@@ -214,13 +222,19 @@ class Backend:
         return everyone
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average metrics over ranks."""
+        """Average metrics over ranks; those named `..._max` take the largest rank's value."""
         if self.world_size == 1 or not values:
             return values
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t)}
+        out = {}
+        for op, keys in ((dist.ReduceOp.SUM, sorted(k for k in values if not k.endswith("_max"))),
+                         (dist.ReduceOp.MAX, sorted(k for k in values if k.endswith("_max")))):
+            if not keys:  # every rank holds the same keys: every rank skips the same call
+                continue
+            t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            scale = self.world_size if op == dist.ReduceOp.SUM else 1
+            out.update({k: float(v) / scale for k, v in zip(keys, t)})
+        return out
 
     def barrier(self) -> None:
         if self.world_size > 1 or self.deepspeed is not None:

@@ -169,16 +169,17 @@ class ServerConfig:
 
     # base URLs of the servers, e.g. [http://127.0.0.1:8000]; prompts are dealt across them by uid
     urls: list[str] = field(default_factory=list)
-    # how weights reach the servers. auto: nccl on CUDA, else disk; nccl: vLLM's NCCL transfer engine
-    # (CUDA only, server started with the nccl backend); disk: rank 0 writes safetensors to weights_dir
-    # and every server reloads them (the folder must be readable by the servers)
+    # how weights reach the servers. auto: nccl on CUDA, else gloo; nccl: vLLM's NCCL transfer engine
+    # (CUDA only, servers started with the nccl backend); gloo: our transfer engine over gloo (any host,
+    # servers started with the gloo backend, as `align vllm-serve` does on CPU); disk: rank 0 writes
+    # safetensors to weights_dir and every server reloads them (a folder the servers can read; no group)
     transport: Literal["auto", "nccl", "gloo", "disk"] = "auto"
     timeout_s: float = bounded(300.0, gt=0)  # deadline of every call to a server (a dead or hung server fails within it)
     # disk transport: the folder the servers read pushed weights from (None: <output_dir>/server_weights)
     weights_dir: str | None = None
     max_concurrency: int = bounded(64, ge=1)  # requests in flight per server
-    nccl_host: str = "127.0.0.1"  # nccl transport: the address the servers reach this trainer's rank 0 at
-    nccl_port: int = bounded(0, ge=0, le=65535)  # nccl transport: first port of the groups (server i: +i; 0: free ports)
+    group_host: str = "127.0.0.1"  # nccl and gloo transports: the address the servers reach this trainer's rank 0 at
+    group_port: int = bounded(0, ge=0, le=65535)  # nccl and gloo: first port of the groups (server i: +i; 0: free ports)
 
 
 @dataclass

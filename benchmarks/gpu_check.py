@@ -35,6 +35,13 @@ skipped, so a run returns whatever it measured.
    peak memory `generate` allocated above what was allocated before it. 32 x 1024 holds as many
    cached tokens as 16 x 2048 in half the decode steps: a decode step's time hardly depends on the
    rows on a GPU, and a compressed cache's decompression work grows with the square of the length.
+4. Server mode (rollout.backend: vllm_server): trainer and one `align vllm-serve` server on the same
+   device, on the smallest model, PMD steps as in part 2 with the weights pushed after every step over
+   each transport vLLM allows there (nccl, then gloo; shrunk, on CPU: gloo), one server per transport
+   (the backend is fixed at its start; `--gpu-memory-utilization 0.35` leaves the trainer room), with
+   `rollout.max_staleness` 0, and 1 on the first transport that worked: median s/step and phases, or the
+   error (NCCL refuses two ranks on one GPU: "Duplicate GPU detected", trl#3158). Needs vLLM there:
+   "not installed: <error>" otherwise.
 
 Random weights are valid here: time and memory depend on shapes, not values. Every step runs the
 same kernels on the same tensor sizes whatever the weights hold, and the responses run to the token
@@ -293,6 +300,44 @@ def compare_caches(fields: dict, tokenizer, shapes: Shapes, device: torch.device
     return {"prompts": shapes.kv_prompts, "new_tokens": shapes.kv_new_tokens, "caches": caches}
 
 
+# ---- 4. server mode ------------------------------------------------------------------------------
+def server_mode(fields: dict, tokenizer, data: Path, folder: Path, shapes: Shapes, device: torch.device,
+                guard: Guard) -> dict:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"not installed: {e}"}
+    from alignment.rollout.server import launch_local_server, stop_local_server
+    from benchmarks.pmd_phases import server_steps
+
+    model = save_random_model(fields, tokenizer, folder, device)
+    overrides = ours_overrides(model, data, shapes)
+    cuda = device.type == "cuda"
+    results: dict = {}
+    for transport in ("nccl", "gloo") if cuda else ("gloo",):
+        backend = ["--weight-transfer-config", json.dumps({"backend": transport})]
+
+        def run(staleness: int, url: str) -> dict:
+            rows = server_steps(url, shapes.steps, str(folder / f"run-{transport}-{staleness}"), staleness,
+                                (*overrides, f"rollout.server.transport={transport}"))
+            steady = rows[shapes.warmup:]
+            return {"step_s": statistics.median(r["seconds"] for r in steady),
+                    **{k: statistics.median(r[k] for r in steady) for k in ("rollout_s", "train_s", "sync_s")},
+                    "staleness": statistics.fmean(r["staleness"] for r in steady), "per_step": rows}
+
+        def on_server(stalenesses: tuple[int, ...]) -> dict:
+            proc, url = launch_local_server(str(model), folder / f"server-{transport}.log", extra=(
+                *backend, *(["--gpu-memory-utilization", "0.35", "--enforce-eager"] if cuda else [])))
+            try:
+                return {f"max_staleness_{k}": guard(run, k, url) for k in stalenesses}
+            finally:
+                stop_local_server(proc)
+
+        first_to_work = not any("step_s" in r.get("max_staleness_0", {}) for r in results.values())
+        results[transport] = guard(on_server, (0, 1) if first_to_work else (0,))
+    return results
+
+
 # ---- report -------------------------------------------------------------------------------------
 def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
@@ -323,6 +368,18 @@ def print_comparisons(comparisons: dict) -> None:
                      _fmt(c.get("ours_x_faster")), note(c, ours, trl)])
     print(C.table(rows, ["model", "params", "ours s/step", "rollout s", "train s", "sync s", "bf16 MFU",
                          "trl s/step", "ours x faster", "note"]))
+
+
+def print_server_mode(server: dict) -> None:
+    rows = []
+    for transport, runs in server.items():
+        if not isinstance(runs, dict) or "error" in runs or "skipped" in runs:
+            rows.append([transport, "-", "-", "-", "-", "-", note(runs) if isinstance(runs, dict) else str(runs)])
+            continue
+        for name, r in runs.items():
+            rows.append([transport, name.rsplit("_", 1)[1], _fmt(r.get("step_s")), _fmt(r.get("rollout_s")),
+                         _fmt(r.get("train_s")), _fmt(r.get("sync_s")), note(r)])
+    print(C.table(rows, ["transport", "max_staleness", "s/step", "rollout s", "train s", "sync s", "note"]))
 
 
 def print_caches(kv: dict) -> None:
@@ -366,11 +423,18 @@ def main(quick: bool = False, assets: str | None = None, budget_s: float = 360.0
             save()
         print_comparisons(comparisons)
 
-    largest, fields = list(shapes.models.items())[-1]
-    print(f"\n3. KV caches, random {largest}: {shapes.kv_prompts} prompts x {shapes.kv_new_tokens} new tokens",
-          flush=True)
-    result["kv_cache"] = {"model": largest, **guard(compare_caches, fields, tokenizer, shapes, device, quick, guard)}
-    print_caches(result["kv_cache"])
+        largest, fields = list(shapes.models.items())[-1]
+        print(f"\n3. KV caches, random {largest}: {shapes.kv_prompts} prompts x {shapes.kv_new_tokens} new tokens",
+              flush=True)
+        result["kv_cache"] = {"model": largest, **guard(compare_caches, fields, tokenizer, shapes, device, quick, guard)}
+        print_caches(result["kv_cache"])
+        save()
+
+        smallest, fields = next(iter(shapes.models.items()))
+        print(f"\n4. server mode, random {smallest}: trainer and a vLLM server on one {device.type} device", flush=True)
+        result["server_mode"] = {"model": smallest, **guard(server_mode, fields, tokenizer, data,
+                                                             Path(tmp) / "server", shapes, device, guard)}
+        print_server_mode({k: v for k, v in result["server_mode"].items() if k != "model"})
     path = save()
     print(f"\nwrote {path}")
     return result

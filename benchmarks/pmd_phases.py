@@ -7,7 +7,7 @@
     align bench pmd_phases rollout.backend=vllm_server   # server mode: max_staleness 0 against 1
 
 Server mode starts one vLLM server (`align vllm-serve` on the benchmark's model, weights pushed over the
-disk transport) and runs the workload twice on it, synchronous (`rollout.max_staleness: 0`) and
+default transport: gloo on CPU; `rollout.server.transport=disk` to compare) and runs the workload twice on it, synchronous (`rollout.max_staleness: 0`) and
 overlapped (`1`: the next step's rollouts generate while this one trains), both with the engine's old
 log-probs (`train.old_logprobs: rollout`, which 1 requires), and reports each one's step time and phases
 (`time/rollout_s` is then the wait for the batch) and their ratio. With server and trainer on the same
@@ -90,9 +90,10 @@ if __name__ == "__main__":
 # ---- server mode: rollout.max_staleness 0 against 1 on one vLLM server ------------------------------
 
 def server_steps(url: str, steps: int, folder: str, staleness: int, overrides: tuple[str, ...]) -> list[dict]:
-    """`steps` trainer steps on the server with rollout.max_staleness=`staleness`, one row each."""
+    """`steps` trainer steps on the server with rollout.max_staleness=`staleness`, one row each (also
+    gpu_check's server mode)."""
     trainer_cls, cfg = build_ours_config(steps, 16, folder, extra=(
-        *overrides, f"rollout.server.urls=[{url}]", "rollout.server.transport=disk", "train.old_logprobs=rollout",
+        *overrides, "rollout.backend=vllm_server", f"rollout.server.urls=[{url}]", "train.old_logprobs=rollout",
         f"rollout.max_staleness={staleness}"))
     trainer = trainer_cls(cfg)
     trainer.start_step = 0

@@ -14,7 +14,7 @@ import pytest
 from alignment.logging import read_metrics
 from tests.support import adalora_toy as toy
 from tests.support import REPO
-from tests.support.recipes import run_align
+from tests.support.recipes import run_align, train_in_process
 from tests.support.recipes import toy_recipe
 from tests.support.recipes import pairs_recipe, write_demos
 
@@ -57,11 +57,14 @@ def test_two_process_zero2_launch_allocates_like_one_process(tmp_path):
     assert result["ranks"] == toy.run()["ranks"]
 
 
-def test_zero3_is_refused_with_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "tests/support/adalora_toy.py", str(tmp_path / "x.json"), "--deepspeed",
-                           "launch/ds_zero3.json"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "peft.type=adalora does not run under ZeRO-3" in proc.stderr
+def test_zero3_is_refused_with_a_clear_error():
+    from alignment.adapters import apply_peft
+    from alignment.backend import Backend
+    from alignment.config import ConfigError, TrainConfig
+
+    model = apply_peft(toy.Branches(), toy.PEFT, total_steps=toy.STEPS)
+    with pytest.raises(ConfigError, match="peft.type=adalora does not run under ZeRO-3"):  # before DeepSpeed starts
+        Backend(model, TrainConfig(deepspeed=str(REPO / "launch" / "ds_zero3.json"), bf16=False), 8)
 
 
 ADALORA = {"type": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "alpha": 8}
@@ -117,12 +120,11 @@ def test_ppo_with_adalora_resumes_exactly(tmp_path, tiny_model):
     """Policy, critic and both budgets come back from the checkpoint: steps 3-4 match the whole run."""
     path = _online_recipe(tmp_path, tiny_model, "ppo")
     whole, part = tmp_path / "whole", tmp_path / "part"
-    args = ["train", str(path), "train.max_steps=4", "train.save_every=2"]
-    assert run_align(*args, f"output_dir={whole}").returncode == 0
+    args = [path, "train.max_steps=4", "train.save_every=2"]
+    train_in_process(*args, f"output_dir={whole}")
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step-2", part / "checkpoints" / "step-2")  # as if killed after step 2
-    proc = run_align(*args, f"output_dir={part}", "resume=true")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(*args, f"output_dir={part}", "resume=true")
     want = {r["step"]: r for r in read_metrics(whole / "metrics.jsonl")}
     got = {r["step"]: r for r in read_metrics(part / "metrics.jsonl")}
     for step in (3, 4):

@@ -20,6 +20,7 @@ from alignment.logging import read_metrics
 from alignment.logprobs import PolicyModel, pack
 from alignment.models import load_causal_lm
 from tests.support.recipes import pairs_recipe, write_demos
+from tests.support.recipes import train_in_process as train
 
 
 def sft_recipe(folder, model, **train):
@@ -30,13 +31,6 @@ def sft_recipe(folder, model, **train):
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
-
-
-def train(recipe, *overrides):
-    trainer_cls, cfg = build_config(str(recipe), list(overrides))
-    trainer = trainer_cls(cfg)
-    trainer.train()
-    return trainer
 
 
 def safetensors_dtypes(path) -> set[torch.dtype]:

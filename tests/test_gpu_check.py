@@ -70,3 +70,13 @@ def test_shrunk_gpu_check_measures_every_part(tmp_path):
     for name in ("kivi-2", "gear-2"):
         assert caches[name]["kv_bytes"] < caches["none"]["kv_bytes"], name
         assert 0 < caches[name]["kv_bytes_over_none"] < 1, name
+
+    # server mode: on CPU one vLLM server with the gloo transport, max_staleness 0 and 1
+    server = data["server_mode"]
+    assert server["model"] == "tiny" and "error" not in server and "skipped" not in server, server
+    assert list(server) == (["model", "gloo"] if on_cpu else ["model", "nccl", "gloo"])
+    for k in (0, 1):
+        run_k = server["gloo"][f"max_staleness_{k}"]
+        assert "error" not in run_k, run_k
+        assert positive(run_k["step_s"]) and all(positive(run_k[p]) for p in ("rollout_s", "train_s", "sync_s"))
+        assert [r["step"] for r in run_k["per_step"]] == [1, 2] and 0 <= run_k["staleness"] <= k

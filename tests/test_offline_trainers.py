@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignment.logging import read_metrics
-from tests.support.recipes import COLOURS, pairs_recipe, run_align, write_demos
+from tests.support.recipes import COLOURS, pairs_recipe, run_align, train_in_process, write_demos
 
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
 
@@ -21,8 +21,7 @@ def _steps(out: Path) -> list[dict]:
 
 def test_reward_model_r3m_learns_and_writes_outliers(tmp_path, tiny_model):
     path = pairs_recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m", "lam": 0.75})
-    proc = run_align("train", str(path), "train.max_steps=12")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(path, "train.max_steps=12")  # in this process: the CLI's own path is tests/test_train_e2e.py's
     out = tmp_path / "run"
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0]
@@ -45,8 +44,7 @@ def test_reward_model_r3m_learns_and_writes_outliers(tmp_path, tiny_model):
 
 def test_reward_model_bt_with_lora_trains_the_head_and_saves_a_merged_model(tmp_path, tiny_model):
     path = pairs_recipe(tmp_path, tiny_model, "reward_model", peft={"type": "lora", "r": 4, "alpha": 8})
-    proc = run_align("train", str(path), "train.max_steps=10", "train.lr=5e-3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(path, "train.max_steps=10", "train.lr=5e-3")
     out = tmp_path / "run"
     assert _steps(out)[-1]["eval/accuracy"] == 1.0
     assert not (out / "outliers.jsonl").exists()  # BT has no outlier variable
@@ -60,8 +58,7 @@ def test_reward_model_bt_with_lora_trains_the_head_and_saves_a_merged_model(tmp_
 @pytest.mark.parametrize("loss", ["sigmoid", "r3m"])
 def test_dpo_raises_the_chosen_log_ratio(tmp_path, tiny_model, loss):
     path = pairs_recipe(tmp_path, tiny_model, "dpo", dpo={"loss": loss, "beta": 0.5})
-    proc = run_align("train", str(path), "train.max_steps=8")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(path, "train.max_steps=8")
     out = tmp_path / "run"
     first, steps = read_metrics(out / "metrics.jsonl")[0], _steps(out)
     # At the start the policy is its reference: every margin is exactly zero.
@@ -77,8 +74,7 @@ def math_log2() -> float:
 
 def test_dpo_with_lora_uses_the_adapter_free_model_as_reference(tmp_path, tiny_model):
     path = pairs_recipe(tmp_path, tiny_model, "dpo", dpo={"beta": 0.5}, peft={"type": "lora", "r": 4, "alpha": 8})
-    proc = run_align("train", str(path), "train.max_steps=8", "train.lr=5e-3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(path, "train.max_steps=8", "train.lr=5e-3")
     first, steps = read_metrics(tmp_path / "run" / "metrics.jsonl")[0], _steps(tmp_path / "run")
     assert first["eval/loss"] == pytest.approx(math_log2(), abs=1e-5)  # LoRA B starts at 0: policy = reference
     assert steps[-1]["eval/accuracy"] == 1.0
@@ -91,8 +87,7 @@ def test_sft_lowers_held_out_loss(tmp_path, tiny_model):
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chats))
     path = pairs_recipe(tmp_path, tiny_model, "sft", data={"path": str(tmp_path / "demos.jsonl"),
                                                    "eval_path": str(tmp_path / "held.jsonl")})
-    proc = run_align("train", str(path), "train.epochs=3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(path, "train.epochs=3")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(19))  # epochs=3: 3 * 24 / 4 steps
     assert rows[-1]["eval/loss"] < 0.7 * rows[0]["eval/loss"]
@@ -132,10 +127,9 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
     """Stop after step 2 (its checkpoint), resume to 4: the same steps as one uninterrupted run."""
     path = pairs_recipe(tmp_path, tiny_model, "reward_model", rm={"loss": "r3m"})
     whole, part = tmp_path / "whole", tmp_path / "part"
-    assert run_align("train", str(path), f"output_dir={whole}", "train.max_steps=4").returncode == 0
-    assert run_align("train", str(path), f"output_dir={part}", "train.max_steps=2").returncode == 0
-    proc = run_align("train", str(path), f"output_dir={part}", "train.max_steps=4", "resume=true")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(path, f"output_dir={whole}", "train.max_steps=4")
+    train_in_process(path, f"output_dir={part}", "train.max_steps=2")
+    train_in_process(path, f"output_dir={part}", "train.max_steps=4", "resume=true")
     want = {r["step"]: r for r in _steps(whole)}
     got = {r["step"]: r for r in _steps(part)}
     assert sorted(got) == [1, 2, 3, 4]  # metrics.jsonl keeps the steps before the checkpoint

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import time
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import httpx
@@ -259,10 +260,9 @@ def test_config_needs_urls_and_refuses_transports_it_cannot_use():
         RolloutConfig(backend="vllm_server")
     from alignment.rollout.server import resolve_transport
 
-    with pytest.raises(ConfigError, match="gloo is not implemented"):
-        resolve_transport("gloo")
+    assert resolve_transport("gloo") == "gloo" and resolve_transport("disk") == "disk"
     if not torch.cuda.is_available():
-        assert resolve_transport("auto") == "disk"
+        assert resolve_transport("auto") == "gloo"
         with pytest.raises(ConfigError, match="nccl needs CUDA"):
             resolve_transport("nccl")
 
@@ -276,6 +276,7 @@ def test_vllm_serve_command(tiny_model):
     for flag in ["--enable-scale-out", "--logprobs-mode raw_logprobs", "--dtype float32", "--enforce-eager",
                  "--port 8123", "--max-model-len 512"]:
         assert flag in plain and flag in " ".join(argv)
+    assert "--weight-transfer-config '{\"backend\": \"gloo\"}'" in plain and '{"backend": "gloo"}' in argv
     _, argv, plain = vllm_serve_command(str(tiny_model), "0.0.0.0", 8000, ["--dtype", "bfloat16"], cuda=True)
     assert "--weight-transfer-config '{\"backend\": \"nccl\"}'" in plain and "--enforce-eager" not in plain
     assert argv.count("--dtype") == 1
@@ -371,3 +372,32 @@ def test_max_staleness_needs_the_server_backend_and_the_engines_old_logprobs(tmp
         backend="vllm_server", max_staleness=1, server=ServerConfig(urls=["http://127.0.0.1:9"])))
     with pytest.raises(ConfigError, match="rollout.max_staleness=1 needs train.old_logprobs=rollout"):
         OnlineTrainer(cfg)
+
+
+def _reduce_on_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from alignment.backend import Backend
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        values = {"rollout/staleness": [0.0, 1.0][rank], "rollout/staleness_max": [0.0, 1.0][rank], "loss": 2.0 + rank}
+        out.put((rank, Backend.mean(SimpleNamespace(world_size=2), values)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_staleness_max_is_the_largest_over_ranks_and_the_rest_their_mean():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_reduce_on_rank, args=(rank, port, out)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    for rank in (0, 1):
+        assert results[rank] == {"rollout/staleness": 0.5, "rollout/staleness_max": 1.0, "loss": 2.5}

@@ -1,14 +1,19 @@
 """The vllm_server rollout backend against a real CPU vLLM server (`align vllm-serve`, the tiny model, fp32,
-eager): pushes over the disk transport verified by the canary, a server whose weights were reset caught,
-a PMD run, rollout.max_staleness (0: the synchronous losses exactly; 1: PMD still learns), and a killed
-server giving a clear error in bounded time. One server for the module (start-up costs tens of seconds);
-the kill test runs last."""
+eager): pushes over the gloo transport (our engine, loaded by vLLM through its plugin entry point) and the
+disk transport, verified by the canary; a server whose weights were reset caught; a PMD run; a 2-rank
+ZeRO-3 trainer giving the 1-rank run's log-probs; rollout.max_staleness (0: the synchronous losses exactly;
+1: PMD still learns); a server killed mid-run (a clear error in bounded time, and the run resumes once the
+server is back) and mid-sync. One server for the module (start-up costs tens of seconds); the kill tests
+run last."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,23 +21,40 @@ import torch
 
 from align.cli import build_config
 from alignment.adapters import merged_state_dict
+from alignment.backend import _free_port
 from alignment.config import ServerConfig
 from alignment.logging import read_metrics
 from alignment.logprobs import pack, token_logprobs
 from alignment.rollout import Canary, SamplingParams, WeightSyncError
 from alignment.rollout.server import ServerEngine, ServerError, launch_local_server, stop_local_server
-from tests.support.recipes import run_align, toy_recipe
+from tests.support.recipes import REPO, run_align, toy_recipe
 from tests.support.tiny_models import tiny_chat_setup, tiny_llama
 
 pytestmark = pytest.mark.slow
 
 
+class Server:
+    """The module's server; `restart` starts it again on the same port (after a kill)."""
+
+    def __init__(self, model: Path, log: Path):
+        self.model, self.log = model, log
+        self.proc, self.url = launch_local_server(str(model), log, max_model_len=512, timeout_s=300)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def restart(self) -> None:
+        port = int(self.url.rsplit(":", 1)[1])
+        self.proc, self.url = launch_local_server(str(self.model), self.log, max_model_len=512, timeout_s=300,
+                                                  port=port)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    proc, url = launch_local_server(str(tiny_model), tmp_path_factory.mktemp("vllm-server") / "server.log",
-                                    max_model_len=512, timeout_s=300)
-    yield url, proc
-    stop_local_server(proc)
+    running = Server(tiny_model, tmp_path_factory.mktemp("vllm-server") / "server.log")
+    yield running
+    stop_local_server(running.proc)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +80,11 @@ def perturbed(model, scale=0.02):
     return other
 
 
-def test_pushes_are_verified_and_a_reset_server_is_caught(server, setup, tmp_path):
-    url, _ = server
+@pytest.mark.parametrize("transport", ["gloo", "disk"])
+def test_pushes_are_verified_and_a_reset_server_is_caught(server, setup, tmp_path, transport):
+    url = server.url
     tokenizer, model, prompts = setup
-    engine = ServerEngine(ServerConfig(urls=[url], transport="disk", timeout_s=60), tokenizer,
+    engine = ServerEngine(ServerConfig(urls=[url], transport=transport, timeout_s=60), tokenizer,
                           weights_dir=tmp_path / "weights")
     assert engine.update_weights(merged_state_dict(model), canary(model, prompts), version="step-0") < 1e-4
     # The engine samples what the trainer's model gives, with its log-probs, labelled with the pushed version.
@@ -80,7 +103,10 @@ def test_pushes_are_verified_and_a_reset_server_is_caught(server, setup, tmp_pat
     with pytest.raises(WeightSyncError, match=f"on vLLM server {url}: .*after the push of step-1"):
         engine.update_weights(merged_state_dict(model), check, version="step-1")
     assert engine.update_weights(merged_state_dict(trained), check, version="step-2") < 1e-4
-    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["step-2"]
+    if transport == "disk":
+        assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["step-2"]
+    else:
+        assert not (tmp_path / "weights").exists()
     # Weights changed behind the trainer's back (vLLM's weight checker zeroes them): the canary catches it.
     httpx.post(f"{url}/weight_checker", json={"action": "reset"}, timeout=60).raise_for_status()
     with pytest.raises(WeightSyncError, match=f"on vLLM server {url}"):
@@ -89,10 +115,9 @@ def test_pushes_are_verified_and_a_reset_server_is_caught(server, setup, tmp_pat
 
 
 def test_pmd_steps_end_to_end_on_a_vllm_server(server, tiny_model, tmp_path):
-    url, _ = server
-    recipe = toy_recipe(tmp_path, tiny_model, rollout={
-        "backend": "vllm_server", "n": 4, "max_new_tokens": 8,
-        "server": {"urls": [url], "transport": "disk", "timeout_s": 120}})
+    url = server.url
+    recipe = toy_recipe(tmp_path, tiny_model, rollout={  # transport auto: gloo on this CPU host
+        "backend": "vllm_server", "n": 4, "max_new_tokens": 8, "server": {"urls": [url], "timeout_s": 120}})
     proc = run_align("train", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
@@ -109,7 +134,7 @@ def server_trainer(url, folder, model, *overrides):
     recipe = toy_recipe(folder, model)
     trainer_cls, cfg = build_config(str(recipe), [
         f"output_dir={folder / 'run'}", "rollout.backend=vllm_server", f"rollout.server.urls=[{url}]",
-        "rollout.server.transport=disk", "rollout.server.timeout_s=120", "train.old_logprobs=rollout", *overrides])
+        "rollout.server.timeout_s=120", "train.old_logprobs=rollout", *overrides])
     trainer = trainer_cls(cfg)
     trainer.start_step = 0
     trainer.start()
@@ -117,7 +142,7 @@ def server_trainer(url, folder, model, *overrides):
 
 
 def test_max_staleness_0_is_the_synchronous_run_and_1_starts_from_it(server, tiny_model, tmp_path):
-    url, _ = server
+    url = server.url
     runs = {}
     for name, extra in [("default", ()), ("0", ("rollout.max_staleness=0",)), ("1", ("rollout.max_staleness=1",))]:
         trainer = server_trainer(url, tmp_path / name, tiny_model, "train.max_steps=3", *extra)
@@ -139,7 +164,7 @@ def peaked_model(tmp_path_factory):
 
 
 def test_pmd_learns_with_max_staleness_1(server, peaked_model, tmp_path):
-    url, _ = server
+    url = server.url
     gains = []
     for seed in (0, 1):
         trainer = server_trainer(url, tmp_path / str(seed), peaked_model, "rollout.max_staleness=1", f"seed={seed}",
@@ -162,16 +187,93 @@ def test_pmd_learns_with_max_staleness_1(server, peaked_model, tmp_path):
     assert eval_gain > 0.04, gains
 
 
-def test_a_killed_server_gives_a_clear_error_in_bounded_time(server, setup, tmp_path):
-    url, proc = server
+def server_losses_and_logprobs(server, tiny_model, folder, setup, *args, launcher=None):
+    """A 2-step PMD run on the toy recipe against the server; its per-step losses, and the server's log-probs
+    of a fixed batch after the run's last push."""
+    recipe = toy_recipe(folder, tiny_model, rollout={
+        "backend": "vllm_server", "n": 4, "max_new_tokens": 8, "server": {"urls": [server.url], "timeout_s": 120}})
+    proc = run_align("train", str(recipe), *args, launcher=launcher)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    tokenizer, _, prompts = setup
+    scored = ServerEngine(ServerConfig(urls=[server.url]), tokenizer).logprobs(prompts, [p[-6:] for p in prompts])
+    rows = [r for r in read_metrics(folder / "run" / "metrics.jsonl") if r["step"] > 0]
+    return rows, scored, proc.stdout + proc.stderr
+
+
+def test_two_zero3_ranks_push_what_one_rank_pushes(server, tiny_model, setup, tmp_path):
+    """Under ZeRO-3 the two ranks gather the parameters in lockstep and rank 0 alone sends: the server then
+    holds, and scores with, the weights a one-process run pushes."""
+    one, lp_one, _ = server_losses_and_logprobs(server, tiny_model, tmp_path / "one", setup)
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2",
+                "--master_port", str(_free_port()), "--module"]
+    two, lp_two, out = server_losses_and_logprobs(server, tiny_model, tmp_path / "two", setup,
+                                                  "train.deepspeed=launch/ds_zero3.json", launcher=launcher)
+    assert "rank 0/2, backend deepspeed-zero3" in out, out[-3000:]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        for key in ("loss", "reward/mean", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        assert a["sync/logprob_err"] < 1e-3 and b["sync/logprob_err"] < 1e-3
+    for a, b in zip(lp_one, lp_two):
+        assert torch.allclose(a, b, atol=1e-4), (a, b)
+    assert httpx.get(f"{server.url}/weight_info", timeout=10).json()["weight_version"] == "step-2"
+
+
+def test_a_server_killed_mid_run_stops_it_in_bounded_time_and_the_run_resumes_once_it_is_back(
+        server, tiny_model, tmp_path):
+    recipe = toy_recipe(tmp_path, tiny_model, rollout={
+        "backend": "vllm_server", "n": 4, "max_new_tokens": 8, "server": {"urls": [server.url], "timeout_s": 10}},
+        train={"max_steps": 4, "save_every": 1})
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "alignment", "train", str(recipe)], cwd=REPO, stdout=out,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step-2").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    server.kill()
+    killed = time.monotonic()
+    try:
+        code = run.wait(120)
+    finally:
+        run.kill()
+    # step 3 needed the server (its rollout or its push): the run stopped, naming it, within the deadline
+    # (timeout_s=10) plus at most one step's training
+    assert code != 0 and time.monotonic() - killed < 60
+    assert f"vLLM server {server.url}" in log.read_text(), log.read_text()[-3000:]
+    done = sorted(int(p.name[5:]) for p in checkpoints.glob("step-*") if p.name[5:].isdigit())
+    assert 2 <= max(done) < 4, done
+
+    server.restart()  # the same URL, the model's original weights: the resumed run pushes its own first
+    resumed = run_align("train", str(recipe), "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > max(done)]
+    assert [r["step"] for r in steps] == list(range(max(done) + 1, 5))
+    assert all(r["sync/logprob_err"] < 1e-3 and r["rollout/logprob_diff"] < 1e-4 for r in steps), steps
+    assert httpx.get(f"{server.url}/weight_info", timeout=10).json()["weight_version"] == "step-4"
+
+
+def test_a_server_killed_mid_sync_gives_a_clear_error_in_bounded_time(server, setup, tmp_path, monkeypatch):
+    """Killed while the gloo broadcast runs (after /pause, /start_weight_update and /update_weights went out):
+    the push fails naming the server within rollout.server.timeout_s; so do the calls after it."""
+    from alignment.rollout import gloo
+
     tokenizer, model, prompts = setup
-    engine = ServerEngine(ServerConfig(urls=[url], transport="disk", timeout_s=10), tokenizer,
-                          weights_dir=tmp_path / "weights")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    engine = ServerEngine(ServerConfig(urls=[server.url], transport="gloo", timeout_s=10), tokenizer)
+    engine.update_weights(merged_state_dict(model), canary(model, prompts), version="step-8")  # the group is open
+    broadcast = gloo.broadcast
+
+    def kill_then_broadcast(group, tensor):
+        if server.proc.poll() is None:
+            server.kill()
+        broadcast(group, tensor)
+
+    monkeypatch.setattr(gloo, "broadcast", kill_then_broadcast)
     start = time.monotonic()
-    with pytest.raises(ServerError, match=f"vLLM server {url}: POST /inference/v1/generate failed"):
-        engine.generate(prompts, SamplingParams(n=2, max_new_tokens=4))
-    with pytest.raises(ServerError, match=f"vLLM server {url}: POST /pause failed"):
+    with pytest.raises(ServerError, match=f"vLLM server {server.url}"):
         engine.update_weights(merged_state_dict(model), canary(model, prompts), version="step-9")
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 10 + 5
+    with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /inference/v1/generate failed"):
+        engine.generate(prompts, SamplingParams(n=2, max_new_tokens=4))

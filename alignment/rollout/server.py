@@ -23,11 +23,17 @@ scale-out endpoint) and list them in `rollout.server.urls`.
   - `disk`: rank 0 writes safetensors to `rollout.server.weights_dir` (a folder every server can read)
     and each server reloads them in place (`/collective_rpc` -> the worker's
     `reload_weights(weights_path=...)`); works on any dev-mode server, CPU or GPU.
-  - `nccl`: vLLM's own trainer-side engine (`NCCLTrainerWeightTransferEngine`) on CUDA, one NCCL group
-    per server, servers started with `--weight-transfer-config '{"backend": "nccl"}'`. Written from
-    vLLM's API; not run on the CPU hosts this was developed on.
-  - `auto`: nccl on CUDA, else disk. (`gloo`, a CPU transfer engine registered through vLLM's plugin
-    entry point, is not implemented yet.)
+  - `gloo`: our transfer engine (alignment/rollout/gloo.py, registered in vLLM through its plugin entry
+    point), servers started with `--weight-transfer-config '{"backend": "gloo"}'` (`align vllm-serve` on CPU):
+    vLLM's protocol, `/init_weight_transfer_engine` once per server (one gloo group: the trainer's rank 0
+    and the server's workers), then per push `/start_weight_update`, `/update_weights` while rank 0
+    broadcasts, `/finish_weight_update`.
+  - `nccl`: the same protocol with vLLM's own NCCL engine (`NCCLTrainerWeightTransferEngine`) on CUDA,
+    servers started with `--weight-transfer-config '{"backend": "nccl"}'`. Shares the code of the gloo path;
+    not run on the CPU hosts this was developed on.
+  - `auto`: nccl on CUDA, else gloo.
+  Under ZeRO-3 every rank gathers the parameters in lockstep (alignment/online.py `sync_weights`) and only
+  global rank 0 sends; the others wait for the outcome.
 - Verification, as for the colocated engines: after every push, on every server, the version reported by
   `/weight_info` must be the pushed one, and the canary's log-probs (scored through the same endpoint as
   prompt log-probs) must match the trainer's within `rollout.sync_tolerance`; a failure is a
@@ -66,12 +72,9 @@ class ServerError(RuntimeError):
 
 def resolve_transport(transport: str) -> str:
     if transport == "auto":
-        return "nccl" if torch.cuda.is_available() else "disk"
-    if transport == "gloo":
-        raise ConfigError("rollout.server.transport=gloo is not implemented yet; use disk (any host) or nccl "
-                          "(CUDA)")
+        return "nccl" if torch.cuda.is_available() else "gloo"
     if transport == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("rollout.server.transport=nccl needs CUDA on the trainer; use disk on this host")
+        raise ConfigError("rollout.server.transport=nccl needs CUDA on the trainer; use gloo or disk on this host")
     return transport
 
 
@@ -112,7 +115,7 @@ class ServerEngine(RolloutEngine):
         self.max_staleness = int(max_staleness)
         self.pushed: list[str] = []  # the versions pushed, oldest first (the last max_staleness + 1 kept)
         self.pushes = 0
-        self._nccl: dict[int, object] = {}
+        self._groups: dict[int, object] = {}  # server -> its trainer-side transfer engine (gloo, nccl)
         self._slots: dict[int, list[asyncio.Semaphore]] = {}  # per event loop (the nccl push runs two at once)
         # Reachable, in dev mode (the weight routes exist), each at some version.
         self.server_versions = self._run(self._all(lambda c, i: self._call(c, i, "GET", "/weight_info")))
@@ -328,7 +331,7 @@ class ServerEngine(RolloutEngine):
             self._run(self._all(lambda c, i: self._push_disk(c, i, folder, version)))
             self._prune(keep=folder)
         else:
-            self._push_nccl(named_tensors, version)
+            self._push_engine(named_tensors, version)
         pushed = time.perf_counter()
         err = self._verify(canary, tolerance, version)
         log.debug("vllm_server: pushed %s to %d server(s) in %.2f s, verified in %.2f s", version, len(self.urls),
@@ -415,34 +418,60 @@ class ServerEngine(RolloutEngine):
                                   f"{self.timeout:g} s (blocks still held)")
             await asyncio.sleep(0.05)
 
-    # ---- nccl (CUDA; written per vLLM's weight-transfer API, not run on CPU hosts) ---------------
-    def _push_nccl(self, named_tensors, version: str) -> None:
-        """vLLM's trainer-side NCCL engine, one group per server: pause, start, update (the broadcast), finish,
-        then the version, the prefix-cache reset and resume, each control call under the deadline."""
+    # ---- gloo and nccl: vLLM's weight-transfer protocol ----------------------------------------------
+    def _push_engine(self, named_tensors, version: str) -> None:
+        """One trainer-side engine per server (its group opened at the first push): pause, start, update (the
+        broadcast), finish, then the version, the prefix-cache reset and resume, each control call under the
+        deadline and every collective under the group's timeout (the same deadline)."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        from alignment.backend import _free_port
+        from align.vllm_plugin import register
 
-        source = _DictSource(named_tensors)
-        for i, url in enumerate(self.urls):
+        register()
+        source = _DictSource(named_tensors, cuda=self.transport == "nccl")
+        for i in range(len(self.urls)):
             client = _SyncClient(self, i)
-            if i not in self._nccl:
-                world = self._run(lambda c, i=i: self._call(c, i, "GET", "/get_world_size",
-                                                            params={"include_dp": "true"}))["world_size"]
-                port = self.cfg.nccl_port + i if self.cfg.nccl_port else _free_port()
-                info = NCCLTrainerInitInfo(master_address=self.cfg.nccl_host, master_port=port, world_size=1 + world,
-                                           rank=0)
-                self._nccl[i] = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
-            engine = self._nccl[i]
-            engine.source = source
             client.post("/pause", params={"mode": "wait"})
             try:
-                engine.send_weights()
+                try:
+                    if i not in self._groups:
+                        self._groups[i] = WeightTransferTrainerFactory.trainer_init(self._init_info(i), client=client,
+                                                                                    source=source)
+                    self._groups[i].source = source
+                    self._groups[i].send_weights()
+                except ServerError:
+                    self._close_group(i)  # a half-done transfer leaves the group unusable: the next push opens anew
+                    raise
+                except RuntimeError as err:  # the collective failed: the peer died, hung past the timeout, or refused
+                    self._close_group(i)
+                    raise ServerError(f"vLLM server {self.urls[i]}: the {self.transport} weight transfer failed "
+                                      f"({type(err).__name__}: {str(err)[:300]})") from None
                 client.post("/update_weight_version", json={"new_version": version})
                 self._run(lambda c, i=i: self._reset_prefix_cache(c, i))
             finally:
-                client.post("/resume")
+                with contextlib.suppress(ServerError):
+                    client.post("/resume")
+
+    def _init_info(self, i: int):
+        """The trainer's side of server i's group: rank 0, the server's workers after it."""
+        from alignment.backend import _free_port
+
+        world = self._run(lambda c: self._call(c, i, "GET", "/get_world_size", params={"include_dp": "true"}))
+        port = self.cfg.group_port + i if self.cfg.group_port else _free_port()
+        common = dict(master_address=self.cfg.group_host, master_port=port, world_size=1 + world["world_size"], rank=0)
+        if self.transport == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            return NCCLTrainerInitInfo(**common)
+        from alignment.rollout.gloo import GlooTrainerInitInfo
+
+        return GlooTrainerInitInfo(**common, timeout_s=self.timeout)
+
+    def _close_group(self, i: int) -> None:
+        engine = self._groups.pop(i, None)
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.shutdown()
 
 
 class _SyncClient:
@@ -467,8 +496,9 @@ class _SyncClient:
         self.post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
 
 
-def _DictSource(named_tensors):
-    """A vLLM `WeightSource` over the trainer's merged state dict (rank 0 holds every tensor)."""
+def _DictSource(named_tensors, cuda: bool):
+    """A vLLM `WeightSource` over the trainer's merged state dict (rank 0 holds every tensor); on the
+    trainer's GPU for nccl, where they are for gloo."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
     class DictSource(WeightSource):
@@ -476,25 +506,26 @@ def _DictSource(named_tensors):
             return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in named_tensors.items()]
 
         def __iter__(self):
-            device = torch.device("cuda", torch.cuda.current_device())
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
             for name, tensor in named_tensors.items():
-                yield name, tensor.detach().to(device)
+                yield name, tensor.detach().to(device) if cuda else tensor.detach()
 
     return DictSource()
 
 
-def launch_local_server(model: str, log_path: Path, max_model_len: int = 1024, timeout_s: float = 600
-                        ) -> tuple[subprocess.Popen, str]:
-    """`align vllm-serve MODEL` on a free local port, returned once /weight_info answers (its output in
-    `log_path`): for tests and benchmarks; production servers are started by the user."""
+def launch_local_server(model: str, log_path: Path, max_model_len: int = 1024, timeout_s: float = 600,
+                        port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`align vllm-serve MODEL [extra vLLM args]` on `port` (a free local one by default), returned once
+    /weight_info answers (its output in `log_path`): for tests and benchmarks; production servers are
+    started by the user."""
     import httpx
 
     from alignment.backend import _free_port
 
-    port = _free_port()
-    log_file = open(log_path, "w+")
+    port = port or _free_port()
+    log_file = open(log_path, "a+")
     proc = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", model, "--port", str(port),
-                             "--max-model-len", str(max_model_len)], cwd=Path(__file__).resolve().parents[2],
+                             "--max-model-len", str(max_model_len), *extra], cwd=Path(__file__).resolve().parents[2],
                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
     url = f"http://127.0.0.1:{port}"

@@ -25,6 +25,16 @@ def run_align(*args: str, env: dict | None = None, timeout: int = 600, launcher:
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def train_in_process(recipe, *overrides: str):
+    """`align train RECIPE OVERRIDES` in this process (no interpreter start-up): the trainer, trained."""
+    from align.cli import build_config
+
+    trainer_cls, cfg = build_config(str(recipe), list(overrides))
+    trainer = trainer_cls(cfg)
+    trainer.train()
+    return trainer
+
+
 def run_two_nodes(commands: list[list[str]], args: list[str], env: dict, timeout: int = 600,
                   cwd: Path = REPO) -> list[tuple[int, str]]:
     """Start the launcher line of each node at once, each followed by `alignment ARGS`; (exit code,
