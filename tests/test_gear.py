@@ -19,7 +19,7 @@ from alignment.logprobs import pack, token_logprobs
 from alignment.models import builtin_smollm2
 from alignment.rollout import SamplingParams
 from alignment.rollout.hf import HFEngine
-from tests.support.recipes import run_align
+from tests.support.recipes import train_in_process
 from tests.support.recipes import toy_recipe
 
 
@@ -256,8 +256,7 @@ def test_gear_logits_are_closer_to_the_uncompressed_cache_than_kivi(smollm2, unc
 def test_online_trainer_step_with_gear(tmp_path, tiny_model):
     recipe = toy_recipe(tmp_path, tiny_model, trainer="grpo", rollout={
         "max_new_tokens": 12, "kv_compression": {"type": "gear", "bits": 2, "group": 8, "buffer": 8}})
-    proc = run_align("train", str(recipe))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(recipe)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
     assert len(rows) == 2
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
