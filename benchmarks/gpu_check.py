@@ -36,7 +36,8 @@ skipped, so a run returns whatever it measured.
    cached tokens as 16 x 2048 in half the decode steps: a decode step's time hardly depends on the
    rows on a GPU, and a compressed cache's decompression work grows with the square of the length.
 4. Server mode (rollout.backend: vllm_server): trainer and one `align vllm-serve` server on the same
-   device, on the smallest model, PMD steps as in part 2 with the weights pushed after every step over
+   device, on SmolLM2-135M's shapes (shrunk: a 2-layer Llama of head size 64, which vLLM's CPU attention
+   takes), PMD steps as in part 2 with the weights pushed after every step over
    each transport vLLM allows there (nccl, then gloo; shrunk, on CPU: gloo), one server per transport
    (the backend is fixed at its start; `--gpu-memory-utilization 0.35` leaves the trainer room), with
    `rollout.max_staleness` 0, and 1 on the first transport that worked: median s/step and phases, or the
@@ -82,6 +83,9 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, 
                 intermediate_size=8192, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128)
+# vLLM's CPU attention takes head sizes of 32 and up (TINY's is 16): the shrunk server mode's model
+TINY_HEAD_64 = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=256)
 KV_CACHES = [("none", 0), ("kivi", 2), ("gear", 2)]
 
 
@@ -95,12 +99,14 @@ class Shapes(NamedTuple):  # not a dataclass: `align bench` runs this file unreg
     new_tokens: int
     kv_prompts: int
     kv_new_tokens: int
+    server_model: tuple  # (name, LlamaConfig fields) of part 4
 
 
 FULL = Shapes(8192, {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B}, steps=5, warmup=2,
-              prompts=8, samples=8, new_tokens=128, kv_prompts=32, kv_new_tokens=1024)
+              prompts=8, samples=8, new_tokens=128, kv_prompts=32, kv_new_tokens=1024,
+              server_model=("smollm2-135m", SMOLLM2_135M))
 SHRINK = Shapes(512, {"tiny": TINY}, steps=2, warmup=1, prompts=2, samples=8, new_tokens=16,
-                kv_prompts=4, kv_new_tokens=64)
+                kv_prompts=4, kv_new_tokens=64, server_model=("tiny-head-64", TINY_HEAD_64))
 
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -430,10 +436,10 @@ def main(quick: bool = False, assets: str | None = None, budget_s: float = 360.0
         print_caches(result["kv_cache"])
         save()
 
-        smallest, fields = next(iter(shapes.models.items()))
-        print(f"\n4. server mode, random {smallest}: trainer and a vLLM server on one {device.type} device", flush=True)
-        result["server_mode"] = {"model": smallest, **guard(server_mode, fields, tokenizer, data,
-                                                             Path(tmp) / "server", shapes, device, guard)}
+        name, fields = shapes.server_model
+        print(f"\n4. server mode, random {name}: trainer and a vLLM server on one {device.type} device", flush=True)
+        result["server_mode"] = {"model": name, **guard(server_mode, fields, tokenizer, data,
+                                                        Path(tmp) / "server", shapes, device, guard)}
         print_server_mode({k: v for k, v in result["server_mode"].items() if k != "model"})
     path = save()
     print(f"\nwrote {path}")

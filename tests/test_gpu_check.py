@@ -73,7 +73,7 @@ def test_shrunk_gpu_check_measures_every_part(tmp_path):
 
     # server mode: on CPU one vLLM server with the gloo transport, max_staleness 0 and 1
     server = data["server_mode"]
-    assert server["model"] == "tiny" and "error" not in server and "skipped" not in server, server
+    assert server["model"] == "tiny-head-64" and "error" not in server and "skipped" not in server, server
     assert list(server) == (["model", "gloo"] if on_cpu else ["model", "nccl", "gloo"])
     for k in (0, 1):
         run_k = server["gloo"][f"max_staleness_{k}"]
