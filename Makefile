@@ -1,5 +1,5 @@
 # make demo: a real PMD-mean training run, offline, on the embedded SmolLM2-135M-Instruct.
-# make test: the test suite without the slow tier (learning checks, launches, README commands; ~8 min
+# make test: the test suite without the slow tier (learning checks, launches, README commands; ~7 min
 # on 2 cores); make test-slow: that tier; CI (.ci/run) runs both. All create the environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python

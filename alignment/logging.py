@@ -36,6 +36,8 @@ def setup_console(is_main: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # httpx logs every request at INFO: hundreds per step against vLLM servers or remote rewards
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
