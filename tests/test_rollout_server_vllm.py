@@ -1,7 +1,7 @@
 """The vllm_server rollout backend against a real CPU vLLM server (`align vllm-serve`, the tiny model, fp32,
 eager): pushes over the gloo transport (our engine, loaded by vLLM through its plugin entry point) and the
-disk transport, verified by the canary; a server whose weights were reset caught; a PMD run; a 2-rank
-ZeRO-3 trainer giving the 1-rank run's log-probs; rollout.max_staleness (0: the synchronous losses exactly;
+disk transport, verified by the canary; a server whose weights were reset caught; PMD runs of 1 rank and
+of 2 ZeRO-3 ranks giving the same losses and log-probs; rollout.max_staleness (0: the synchronous losses exactly;
 1: PMD still learns); a server killed mid-run (a clear error in bounded time, and the run resumes once the
 server is back) and mid-sync. One server for the module (start-up costs tens of seconds); the kill tests
 run last."""
@@ -114,21 +114,6 @@ def test_pushes_are_verified_and_a_reset_server_is_caught(server, setup, tmp_pat
     engine.update_weights(merged_state_dict(model), canary(model, prompts), version="step-3")
 
 
-def test_pmd_steps_end_to_end_on_a_vllm_server(server, tiny_model, tmp_path):
-    url = server.url
-    recipe = toy_recipe(tmp_path, tiny_model, rollout={  # transport auto: gloo on this CPU host
-        "backend": "vllm_server", "n": 4, "max_new_tokens": 8, "server": {"urls": [url], "timeout_s": 120}})
-    proc = run_align("train", str(recipe))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
-    assert [r["step"] for r in steps] == [1, 2]
-    for row in steps:
-        assert row["sync/logprob_err"] < 1e-3
-        # the trainer scores the rollouts as the server sampled them: each step's server held the last update
-        assert row["rollout/logprob_diff"] < 1e-4, row
-    assert httpx.get(f"{url}/weight_info", timeout=10).json()["weight_version"] == "step-2"
-
-
 def server_trainer(url, folder, model, *overrides):
     """A PMD trainer on the toy vowel reward rolling out on the module's server, its weights pushed (step-0)."""
     recipe = toy_recipe(folder, model)
@@ -213,7 +198,10 @@ def test_two_zero3_ranks_push_what_one_rank_pushes(server, tiny_model, setup, tm
     for a, b in zip(one, two):
         for key in ("loss", "reward/mean", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-        assert a["sync/logprob_err"] < 1e-3 and b["sync/logprob_err"] < 1e-3
+        for row in (a, b):
+            assert row["sync/logprob_err"] < 1e-3
+            # the trainer scores the rollouts as the server sampled them: each step's server held the last update
+            assert row["rollout/logprob_diff"] < 1e-4, row
     for a, b in zip(lp_one, lp_two):
         assert torch.allclose(a, b, atol=1e-4), (a, b)
     assert httpx.get(f"{server.url}/weight_info", timeout=10).json()["weight_version"] == "step-2"
