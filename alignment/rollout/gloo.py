@@ -1,5 +1,5 @@
 """`rollout.server.transport: gloo`: a vLLM weight-transfer engine over a gloo process group, for servers and
-trainers without CUDA (vLLM's own engines, nccl and ipc, need it).
+trainers without CUDA (vLLM's own engines, nccl and ipc, need CUDA).
 
 It plugs into vLLM's weight-transfer API as the built-in engines do, so a push runs vLLM's own protocol:
 `/init_weight_transfer_engine` (once: the trainer and the server's workers open one gloo group, the trainer
