@@ -71,8 +71,8 @@ def _read_deepspeed_config(path: str) -> dict:
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {path}") from None
 
 
-def _zero_stage(path: str) -> int:
-    return _read_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0)
+def _zero_stage(config: dict) -> int:
+    return config.get("zero_optimization", {}).get("stage", 0)
 
 
 def _fill_deepspeed_config(path: str, train: TrainConfig, micro_batch: int, world: int) -> dict:
@@ -109,7 +109,8 @@ class Backend:
     def __init__(self, module: torch.nn.Module, train: TrainConfig, micro_batch: int, total_steps: int | None = None):
         ds_path = deepspeed_config_path(train)
         adalora = find_adalora(module)
-        if ds_path is not None and adalora is not None and _zero_stage(ds_path) == 3:  # before DeepSpeed starts
+        # checked before DeepSpeed starts
+        if ds_path is not None and adalora is not None and _zero_stage(_read_deepspeed_config(ds_path)) == 3:
             raise ConfigError("peft.type=adalora does not run under ZeRO-3 (partitioned adapters cannot be "
                               "scored and masked per matrix): use a ZeRO-1/2 config (launch/zero2.yaml) or "
                               "peft.type=lora")
@@ -136,7 +137,7 @@ class Backend:
 
             config = _fill_deepspeed_config(ds_path, train, max(1, micro_batch // self.accumulation),
                                             self.world_size)
-            self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+            self.zero_stage = _zero_stage(config)
             self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config
             )

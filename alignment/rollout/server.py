@@ -116,7 +116,7 @@ class ServerEngine(RolloutEngine):
         self.pushed: list[str] = []  # the versions pushed, oldest first (the last max_staleness + 1 kept)
         self.pushes = 0
         self._groups: dict[int, object] = {}  # server -> its trainer-side transfer engine (gloo, nccl)
-        self._slots: dict[int, list[asyncio.Semaphore]] = {}  # per event loop (the nccl push runs two at once)
+        self._slots: dict[int, list[asyncio.Semaphore]] = {}  # per event loop (a gloo or nccl push runs two at once)
         # Reachable, in dev mode (the weight routes exist), each at some version.
         self.server_versions = self._run(self._all(lambda c, i: self._call(c, i, "GET", "/weight_info")))
         log.info("vllm_server: %d server(s) %s, weight transport %s", len(self.urls), ", ".join(self.urls),
@@ -508,7 +508,7 @@ def _DictSource(named_tensors, cuda: bool):
         def __iter__(self):
             device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
             for name, tensor in named_tensors.items():
-                yield name, tensor.detach().to(device) if cuda else tensor.detach()
+                yield name, tensor.detach() if device is None else tensor.detach().to(device)
 
     return DictSource()
 
